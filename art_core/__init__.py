@@ -1,0 +1,42 @@
+"""art-core: trajectories, models, logging, backend contracts and plugins for RL training of LLM agents.
+
+``import art_core as art``. Importing this package loads no torch, transformers, vllm, wandb or fastapi, and
+not even openai or pyarrow until they are needed.
+"""
+
+from art_core.advantages import group_advantages, normalize_batch
+from art_core.backend import Backend, ImportanceSamplingLevel, TrainableBackend
+from art_core.gather import TooManyExceptionsError, gather_trajectories, gather_trajectory_groups
+from art_core.hookspecs import hookimpl
+from art_core.model import Model, TrainableModel
+from art_core.plugins import list_backends, list_reporters, load_backend
+from art_core.results import LocalTrainResult, ServerlessTrainResult, TinkerTrainResult, TrainResult
+from art_core.trajectories import History, PendingTrajectoryGroup, Trajectory, TrajectoryGroup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "History",
+    "ImportanceSamplingLevel",
+    "LocalTrainResult",
+    "Model",
+    "PendingTrajectoryGroup",
+    "ServerlessTrainResult",
+    "TinkerTrainResult",
+    "TooManyExceptionsError",
+    "TrainResult",
+    "TrainableBackend",
+    "TrainableModel",
+    "Trajectory",
+    "TrajectoryGroup",
+    "__version__",
+    "gather_trajectories",
+    "gather_trajectory_groups",
+    "group_advantages",
+    "hookimpl",
+    "list_backends",
+    "list_reporters",
+    "load_backend",
+    "normalize_batch",
+]

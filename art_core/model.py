@@ -1,0 +1,302 @@
+"""``Model`` and ``TrainableModel``: names, the backend link, the OpenAI client, and ``log()``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+
+from art_core import history
+from art_core.trajectories import Trajectory, TrajectoryGroup, check_groups
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+    from art_core.backend import Backend
+    from art_core.reporters import Reporter
+
+NAME_MAX_LENGTH = 128
+_SPLIT_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_name(value: str, what: str) -> str:
+    """A model or project name becomes a directory: refuse anything that could escape or break it."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, not {type(value).__name__}")
+    problems = []
+    if not value or value.strip() != value:
+        problems.append("is empty or has surrounding whitespace")
+    if len(value) > NAME_MAX_LENGTH:
+        problems.append(f"is longer than {NAME_MAX_LENGTH} characters")
+    if "/" in value or "\\" in value:
+        problems.append("contains a path separator")
+    if ".." in value or value == ".":
+        problems.append("contains '..' or is '.'")
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        problems.append("contains a NUL or control character")
+    if problems:
+        raise ValueError(
+            f"{what} {value[:NAME_MAX_LENGTH]!r} {' and '.join(problems)}; use letters, digits, '-', '_' and '.' "
+            "(for example 'agent-001')"
+        )
+    return value
+
+
+def validate_split(split: str) -> str:
+    if not isinstance(split, str):
+        raise TypeError(f"split must be a string such as 'train' or 'val', not {type(split).__name__}")
+    if not _SPLIT_PATTERN.match(split) or ".." in split:
+        raise ValueError(f"split {split!r} is not a plain name; use e.g. 'train', 'val' or 'test'")
+    return split
+
+
+def _check_metrics(metrics: object) -> dict[str, float]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a dict of name → number, not {type(metrics).__name__}")
+    checked: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise TypeError(f"metric name {key!r} is a {type(key).__name__}; names must be strings")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                value = float(value)  # numpy and torch scalars
+            except (TypeError, ValueError):
+                raise TypeError(f"metric {key!r} is a {type(value).__name__}; metric values must be numbers") from None
+        checked[key] = float(value)
+    return checked
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be an int, not {type(step).__name__}")
+    if step < 0:
+        raise ValueError(f"step={step} is negative")
+    return step
+
+
+def _coerce_groups(value: object) -> list[TrajectoryGroup]:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (Trajectory, BaseException)) for v in value):
+        return [TrajectoryGroup(value)]  # ART accepts a flat batch of trajectories as one group
+    return check_groups(value)
+
+
+class Model(pydantic.BaseModel):
+    """A model that rollouts call and whose trajectories and metrics get logged."""
+
+    model_config = pydantic.ConfigDict(validate_assignment=False)
+
+    name: str
+    project: str
+    entity: str | None = None
+    id: str | None = None
+    config: Any = None
+    base_path: str = ".art"
+    report_metrics: list[str] | None = None
+    inference_api_key: str | None = None
+    inference_base_url: str | None = None
+    inference_model_name: str | None = None
+    trainable: bool = False
+
+    _backend: Backend | None = pydantic.PrivateAttr(default=None)
+    _openai_client: AsyncOpenAI | None = pydantic.PrivateAttr(default=None)
+    _reporters: dict[str, Reporter] | None = pydantic.PrivateAttr(default=None)
+    _reporters_lock: threading.Lock = pydantic.PrivateAttr(default_factory=threading.Lock)
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return validate_name(value, "model name")
+
+    @pydantic.field_validator("project")
+    @classmethod
+    def _valid_project(cls, value: str) -> str:
+        return validate_name(value, "project name")
+
+    # -- backend ---------------------------------------------------------------------------------------------
+
+    def backend(self) -> Backend:
+        """The backend this model is registered with."""
+        if self._backend is None:
+            raise ValueError(f"model {self.name!r} is not registered; call `await model.register(backend)` first")
+        return self._backend
+
+    async def register(self, backend: Backend) -> None:
+        """Attach this model to ``backend`` (idempotent for the same backend)."""
+        if self._backend is not None and self._backend is not backend:
+            raise ValueError(
+                f"model {self.name!r} is already registered with {type(self._backend).__name__}; "
+                "create a new Model object to use another backend"
+            )
+        await backend.register(self)
+        self._backend = backend
+
+    def openai_client(self) -> AsyncOpenAI:
+        """An ``AsyncOpenAI`` client for this model's inference endpoint."""
+        if self._openai_client is not None:
+            return self._openai_client
+        if self.inference_base_url is None or self.inference_api_key is None:
+            if self.trainable:
+                raise ValueError(f"model {self.name!r} has no endpoint yet; call `await model.register(backend)`")
+            raise ValueError("set inference_base_url and inference_api_key to get an OpenAI client")
+        from openai import AsyncOpenAI
+
+        self._openai_client = AsyncOpenAI(
+            base_url=self.inference_base_url, api_key=self.inference_api_key, timeout=1200.0, max_retries=2
+        )
+        return self._openai_client
+
+    def get_inference_name(self, step: int | None = None) -> str:
+        """The ``model`` to send to the endpoint: the latest weights, or those of ``step``."""
+        if self._backend is not None:
+            return self._backend._model_inference_name(self, step=step)
+        base = self.inference_model_name or self.name
+        return base if step is None else f"{base}@{step}"
+
+    async def get_step(self) -> int:
+        """The model's training step (0 for a model that is not trained)."""
+        return 0
+
+    # -- logging ---------------------------------------------------------------------------------------------
+
+    def output_dir(self) -> Path:
+        """``{base_path}/{project}/models/{name}``: where trajectories, history and checkpoints live."""
+        return Path(self.base_path) / self.project / "models" / self.name
+
+    def _get_output_dir(self) -> str:
+        return str(self.output_dir())
+
+    def wandb_config(self) -> dict[str, Any]:
+        return {"project": self.project, "name": self.name, "base_model": getattr(self, "base_model", None)}
+
+    async def log(
+        self,
+        trajectory_groups: Iterable[TrajectoryGroup] | None = None,
+        *,
+        split: str = "train",
+        metrics: Mapping[str, float] | None = None,
+        step: int | None = None,
+    ) -> None:
+        """Write ``trajectories/{split}/{step:04d}.parquet``, append a ``history.jsonl`` line, and report it.
+
+        Computed metrics (reward mean, within-group reward std dev, exception rate, per-metric means, group
+        counts) are prefixed with the split; ``metrics`` you pass win over computed ones.
+        """
+        groups = None if trajectory_groups is None else _coerce_groups(trajectory_groups)
+        split = validate_split(split)
+        extra = _check_metrics(metrics)
+        step = await self.get_step() if step is None else _check_step(step)
+        if groups is None and not extra:
+            warnings.warn("model.log() called with nothing to log", RuntimeWarning, stacklevel=2)
+            return
+        values = {**(history.computed_metrics(groups, split) if groups is not None else {}), **extra}
+        record = history.make_record(step, history.prefixed_metrics(values, split))
+        await asyncio.to_thread(self._write_log, groups, split, step, record)
+        self._report(record)
+
+    def _writable_dir(self, directory: Path) -> Path:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OSError(
+                error.errno, f"cannot create {directory}: {error.strerror}; pass a writable base_path= to the Model"
+            ) from error
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(f"{directory} is not writable; pass a writable base_path= to the Model")
+        return directory
+
+    def _write_log(self, groups: list[TrajectoryGroup] | None, split: str, step: int, record: dict[str, Any]) -> None:
+        from art_core.trajectory_parquet import write_trajectory_groups
+
+        output = self._writable_dir(self.output_dir())
+        history_path = output / "history.jsonl"
+        if history_path.exists() and not os.access(history_path, os.W_OK):
+            raise PermissionError(f"{history_path} is not writable")
+        if groups is not None:
+            trajectories_dir = self._writable_dir(output / "trajectories" / split)
+            write_trajectory_groups(groups, trajectories_dir / f"{step:04d}.parquet")
+        history.append_record(history_path, record)
+
+    def _active_reporters(self) -> dict[str, Reporter]:
+        with self._reporters_lock:
+            if self._reporters is None:
+                from art_core.plugins import get_reporter_factory
+
+                names = self.report_metrics
+                if names is None:
+                    wanted = "WANDB_API_KEY" in os.environ or os.environ.get("WANDB_MODE") == "offline"
+                    names = ["wandb"] if wanted else []
+                self._reporters = {name: get_reporter_factory(name)(self) for name in names}
+            return self._reporters
+
+    def _report(self, record: dict[str, Any]) -> None:
+        for reporter in self._active_reporters().values():
+            reporter.report(record)
+
+    def close_reporters(self) -> None:
+        """Finish every reporter (e.g. the wandb run); the next ``log`` starts them again."""
+        with self._reporters_lock:
+            reporters, self._reporters = self._reporters or {}, None
+        for reporter in reporters.values():
+            reporter.close()
+
+    def read_history(self) -> list[dict[str, Any]]:
+        """Every record of this model's ``history.jsonl`` (corrupt lines skipped with a warning)."""
+        return history.read_history(self.output_dir() / "history.jsonl")
+
+
+class TrainableModel(Model):
+    """A model trained by a backend from ``base_model`` (a hub id or a local directory)."""
+
+    base_model: str
+    trainable: bool = True
+
+    async def register(self, backend: Backend) -> None:
+        """Attach to ``backend`` and point ``openai_client()`` at its endpoint (idempotent)."""
+        await super().register(backend)
+        base_url, api_key = await backend._prepare_backend_for_training(self)
+        if (base_url, api_key) != (self.inference_base_url, self.inference_api_key):
+            self.inference_base_url, self.inference_api_key = base_url, api_key
+            self._openai_client = None
+
+    async def get_step(self) -> int:
+        """The latest trained step according to the backend (0 before the first ``train()``)."""
+        return await self.backend()._get_step(self)
+
+    async def delete_checkpoints(
+        self, best_checkpoint_metric: str = "val/reward", *, higher_is_better: bool = True
+    ) -> list[int]:
+        """Delete every checkpoint but the latest and the best by ``best_checkpoint_metric``; return the kept steps.
+
+        The whole history is read (every line, every key). Without a history or the metric only the latest is
+        kept, with a warning: this never deletes everything.
+        """
+        backend = self.backend()
+        latest = await self.get_step()
+        keep = {latest}
+        path = self.output_dir() / "history.jsonl"
+        try:
+            records = history.read_history(path)
+        except FileNotFoundError:
+            warnings.warn(f"no history at {path}; keeping only the latest step {latest}", RuntimeWarning, stacklevel=2)
+        else:
+            best = history.best_step(records, best_checkpoint_metric, higher_is_better=higher_is_better)
+            if best is None:
+                warnings.warn(
+                    f"no {best_checkpoint_metric!r} in {path}; keeping only the latest step {latest}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            else:
+                keep.add(best)
+        steps = sorted(keep)
+        await backend._delete_checkpoint_files(self, steps)
+        return steps

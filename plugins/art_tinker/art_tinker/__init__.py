@@ -1,0 +1,3 @@
+"""art-tinker: train on Thinking Machines' Tinker through the real ``tinker`` SDK."""
+
+__version__ = "0.1.0"
