@@ -55,7 +55,9 @@ def group_advantages(rewards: Sequence[float], *, scale_rewards: bool = True) ->
 def batch_advantages(groups: Iterable[TrajectoryGroup], *, scale_rewards: bool = True) -> list[list[float]]:
     """``group_advantages`` for each group's trajectories, in order."""
     return [
-        group_advantages([trajectory.reward for trajectory in group.trajectories], scale_rewards=scale_rewards)
+        group_advantages(
+            [trajectory.reward for trajectory in group.trajectories], scale_rewards=scale_rewards
+        )
         for group in groups
     ]
 
@@ -108,7 +110,10 @@ def normalize_batch(
     # weight 1/n_i per token, mean over tokens = (#trajectories)/N, so the rescaled weight is N/(T·n_i)
     weights = [total_tokens / (len(token_counts) * count) for count in token_counts]
     balanced = [balance_advantage(advantage, advantage_balance) for advantage in advantages]
-    mean_abs = math.fsum(count * abs(a) * w for count, a, w in zip(token_counts, balanced, weights)) / total_tokens
+    mean_abs = (
+        math.fsum(count * abs(a) * w for count, a, w in zip(token_counts, balanced, weights, strict=True))
+        / total_tokens
+    )
     if mean_abs == 0.0:
         return NormalizedBatch(balanced, weights)
     return NormalizedBatch([advantage / mean_abs for advantage in balanced], weights)

@@ -73,7 +73,9 @@ class GatherContext:
         self.pbar.set_postfix(postfix, refresh=False)
 
 
-_current: contextvars.ContextVar[GatherContext | None] = contextvars.ContextVar("art_gather_context", default=None)
+_current: contextvars.ContextVar[GatherContext | None] = contextvars.ContextVar(
+    "art_gather_context", default=None
+)
 
 
 def current_gather_context() -> GatherContext:

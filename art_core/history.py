@@ -15,7 +15,9 @@ from art_core.advantages import is_trainable_group, mean_reward_std_dev
 from art_core.trajectories import TrajectoryGroup
 
 # Keys whose first path component is one of these are logged as given; others get the split as prefix (ART).
-METRIC_SECTIONS = frozenset({"reward", "loss", "offpolicy", "pipeline", "throughput", "costs", "time", "data"})
+METRIC_SECTIONS = frozenset(
+    {"reward", "loss", "offpolicy", "pipeline", "throughput", "costs", "time", "data"}
+)
 METRIC_SPLITS = frozenset({"train", "val", "test"})
 
 try:  # POSIX advisory locks make concurrent appends from several processes safe
@@ -85,19 +87,37 @@ def make_record(step: int, metrics: Mapping[str, float]) -> dict[str, Any]:
     return record
 
 
-def append_record(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one line with a single locked ``write`` and fsync, so concurrent writers never interleave."""
-    line = (json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n").encode()
+def open_for_append(path: Path) -> int:
+    """Open (creating if needed) a history file for appending; fails early if it cannot be written."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    if not os.path.isfile(path):  # pragma: no cover - O_WRONLY on a directory already fails
+        os.close(fd)
+        raise IsADirectoryError(f"{path} is not a regular file")
+    return fd
+
+
+def append_line(fd: int, record: Mapping[str, Any]) -> None:
+    """Append one JSON line with a single locked ``write`` and fsync, so concurrent writers never interleave."""
+    line = (json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n").encode()
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
         written = 0
         while written < len(line):  # a regular-file write is whole in practice; loop for the exception
             written += os.write(fd, line[written:])
         os.fsync(fd)
     finally:
-        os.close(fd)  # closing releases the lock
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def append_record(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one record to the history file at ``path``."""
+    fd = open_for_append(path)
+    try:
+        append_line(fd, record)
+    finally:
+        os.close(fd)
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
@@ -117,7 +137,9 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
                 warnings.warn(f"{path}:{number} is not valid JSON; skipping it", RuntimeWarning, stacklevel=2)
                 continue
             if not isinstance(record, dict):
-                warnings.warn(f"{path}:{number} is not a JSON object; skipping it", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"{path}:{number} is not a JSON object; skipping it", RuntimeWarning, stacklevel=2
+                )
                 continue
             records.append(record)
     return records
@@ -134,7 +156,9 @@ def metric_by_step(records: Iterable[Mapping[str, Any]], metric: str) -> dict[in
     return {step: _mean(step_values) for step, step_values in values.items()}
 
 
-def best_step(records: Iterable[Mapping[str, Any]], metric: str, *, higher_is_better: bool = True) -> int | None:
+def best_step(
+    records: Iterable[Mapping[str, Any]], metric: str, *, higher_is_better: bool = True
+) -> int | None:
     """The step whose mean ``metric`` is best (latest step wins ties), or None when no record has it."""
     by_step = metric_by_step(records, metric)
     if not by_step:

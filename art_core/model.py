@@ -70,7 +70,9 @@ def _check_metrics(metrics: object) -> dict[str, float]:
             try:
                 value = float(value)  # numpy and torch scalars
             except (TypeError, ValueError):
-                raise TypeError(f"metric {key!r} is a {type(value).__name__}; metric values must be numbers") from None
+                raise TypeError(
+                    f"metric {key!r} is a {type(value).__name__}; metric values must be numbers"
+                ) from None
         checked[key] = float(value)
     return checked
 
@@ -84,7 +86,11 @@ def _check_step(step: object) -> int:
 
 
 def _coerce_groups(value: object) -> list[TrajectoryGroup]:
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (Trajectory, BaseException)) for v in value):
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, (Trajectory, BaseException)) for v in value)
+    ):
         return [TrajectoryGroup(value)]  # ART accepts a flat batch of trajectories as one group
     return check_groups(value)
 
@@ -126,7 +132,9 @@ class Model(pydantic.BaseModel):
     def backend(self) -> Backend:
         """The backend this model is registered with."""
         if self._backend is None:
-            raise ValueError(f"model {self.name!r} is not registered; call `await model.register(backend)` first")
+            raise ValueError(
+                f"model {self.name!r} is not registered; call `await model.register(backend)` first"
+            )
         return self._backend
 
     async def register(self, backend: Backend) -> None:
@@ -145,7 +153,9 @@ class Model(pydantic.BaseModel):
             return self._openai_client
         if self.inference_base_url is None or self.inference_api_key is None:
             if self.trainable:
-                raise ValueError(f"model {self.name!r} has no endpoint yet; call `await model.register(backend)`")
+                raise ValueError(
+                    f"model {self.name!r} has no endpoint yet; call `await model.register(backend)`"
+                )
             raise ValueError("set inference_base_url and inference_api_key to get an OpenAI client")
         from openai import AsyncOpenAI
 
@@ -207,23 +217,31 @@ class Model(pydantic.BaseModel):
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise OSError(
-                error.errno, f"cannot create {directory}: {error.strerror}; pass a writable base_path= to the Model"
+                error.errno,
+                f"cannot create {directory}: {error.strerror}; pass a writable base_path= to the Model",
             ) from error
         if not os.access(directory, os.W_OK | os.X_OK):
             raise PermissionError(f"{directory} is not writable; pass a writable base_path= to the Model")
         return directory
 
-    def _write_log(self, groups: list[TrajectoryGroup] | None, split: str, step: int, record: dict[str, Any]) -> None:
+    def _write_log(
+        self, groups: list[TrajectoryGroup] | None, split: str, step: int, record: dict[str, Any]
+    ) -> None:
         from art_core.trajectory_parquet import write_trajectory_groups
 
         output = self._writable_dir(self.output_dir())
         history_path = output / "history.jsonl"
-        if history_path.exists() and not os.access(history_path, os.W_OK):
-            raise PermissionError(f"{history_path} is not writable")
-        if groups is not None:
-            trajectories_dir = self._writable_dir(output / "trajectories" / split)
-            write_trajectory_groups(groups, trajectories_dir / f"{step:04d}.parquet")
-        history.append_record(history_path, record)
+        try:  # open the history first: if it cannot be written, nothing else is
+            fd = history.open_for_append(history_path)
+        except OSError as error:
+            raise OSError(error.errno, f"cannot append to {history_path}: {error.strerror}") from error
+        try:
+            if groups is not None:
+                trajectories_dir = self._writable_dir(output / "trajectories" / split)
+                write_trajectory_groups(groups, trajectories_dir / f"{step:04d}.parquet")
+            history.append_line(fd, record)
+        finally:
+            os.close(fd)
 
     def _active_reporters(self) -> dict[str, Reporter]:
         with self._reporters_lock:
@@ -286,7 +304,9 @@ class TrainableModel(Model):
         try:
             records = history.read_history(path)
         except FileNotFoundError:
-            warnings.warn(f"no history at {path}; keeping only the latest step {latest}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"no history at {path}; keeping only the latest step {latest}", RuntimeWarning, stacklevel=2
+            )
         else:
             best = history.best_step(records, best_checkpoint_metric, higher_is_better=higher_is_better)
             if best is None:

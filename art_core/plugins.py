@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,16 +42,41 @@ class PluginEntry:
         return f"{getattr(self.obj, '__module__', '?')}.{getattr(self.obj, '__qualname__', repr(self.obj))}"
 
 
+@dataclass(frozen=True)
+class PluginFailure:
+    """An entry point that could not be imported (the rest of the plugins still load)."""
+
+    name: str
+    distribution: str | None
+    error: str
+
+
+_failures: list[PluginFailure] = []
+
+
 def _load_entry_points(manager: pluggy.PluginManager) -> None:
     raw = os.environ.get("ART_LOAD_PLUGINS")
-    if raw is None:
-        manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        return
-    allow = {name.strip() for name in raw.split(",") if name.strip()}
+    allow = None if raw is None else {name.strip() for name in raw.split(",") if name.strip()}
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = entry_point.dist.name if entry_point.dist is not None else None
-        if entry_point.name in allow or dist in allow:
+        if allow is not None and entry_point.name not in allow and dist not in allow:
+            continue
+        try:
             manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=entry_point.name)
+        except Exception as error:  # one broken plugin must not take the others down; it is reported instead
+            failure = PluginFailure(entry_point.name, dist, f"{type(error).__name__}: {error}")
+            _failures.append(failure)
+            warnings.warn(
+                f"art plugin {entry_point.name!r} ({dist}) failed to load: {failure.error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
+def plugin_failures() -> list[PluginFailure]:
+    """Entry points that failed to import during loading."""
+    get_plugin_manager()
+    return list(_failures)
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -93,6 +119,7 @@ def reset_plugin_manager() -> None:
     global _manager
     with _lock:
         _manager = None
+        _failures.clear()
 
 
 def _collect(hook_name: str) -> list[PluginEntry]:
@@ -109,10 +136,16 @@ def _collect(hook_name: str) -> list[PluginEntry]:
 
             dist_name, version = "art-core", __version__
 
-        def register(name: str, obj: Any, _plugin: str = impl.plugin_name) -> None:
+        def register(
+            name: str,
+            obj: Any,
+            _plugin: str = impl.plugin_name,
+            _dist: str | None = dist_name,
+            _version: str | None = version,
+        ) -> None:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"plugin {_plugin} registered {obj!r} under an empty or non-string name")
-            entry = PluginEntry(name, obj, _plugin, dist_name, version)
+            entry = PluginEntry(name, obj, _plugin, _dist, _version)
             if name in seen:
                 raise ValueError(
                     f"{hook_name}: {name!r} is registered twice, by {seen[name].plugin} and by {_plugin}; "

@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Awaitable, Generator, Iterable, Iterator
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, cast, overload
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeGuard, cast, overload
 
 import pydantic
 from pydantic import PlainSerializer, PlainValidator, SerializationInfo
@@ -38,7 +38,7 @@ def choice_class() -> type[Choice]:
     return Choice
 
 
-def is_choice(value: object) -> bool:
+def is_choice(value: object) -> TypeGuard[Choice]:
     """True when ``value`` is an OpenAI ``Choice`` (without importing openai when it was never loaded)."""
     module = sys.modules.get(_CHOICE_MODULE)
     return module is not None and isinstance(value, module.Choice)
@@ -77,7 +77,9 @@ def _serialize_message_or_choice(value: Any, info: SerializationInfo) -> Any:
 
 def _validate_messages(value: Any) -> list[Any]:
     if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
-        raise ValueError(f"messages_and_choices must be a list of messages and Choices, not {type(value).__name__}")
+        raise ValueError(
+            f"messages_and_choices must be a list of messages and Choices, not {type(value).__name__}"
+        )
     return [_validate_message_or_choice(item) for item in value]
 
 
@@ -119,7 +121,9 @@ class PydanticException(pydantic.BaseModel):
         return cls(
             type=f"{type(exception).__module__}.{type(exception).__qualname__}",
             message=str(exception),
-            traceback="".join(traceback.format_exception(type(exception), exception, exception.__traceback__)),
+            traceback="".join(
+                traceback.format_exception(type(exception), exception, exception.__traceback__)
+            ),
         )
 
 
@@ -242,7 +246,7 @@ class TrajectoryGroup(pydantic.BaseModel):
         self,
         trajectories: Iterable[Trajectory | BaseException] = (),
         *,
-        exceptions: Iterable[BaseException | PydanticException] = (),
+        exceptions: Iterable[BaseException | PydanticException | dict[str, Any]] = (),
         metadata: dict[str, MetadataValue] | None = None,
         metrics: dict[str, MetricValue] | None = None,
         logs: list[str] | None = None,
@@ -252,8 +256,9 @@ class TrajectoryGroup(pydantic.BaseModel):
         failures = [item for item in items if isinstance(item, BaseException)] + list(exceptions)
         super().__init__(
             trajectories=kept,
+            # pydantic also calls this __init__ when validating JSON, so dicts pass through to validation
             exceptions=[
-                item if isinstance(item, PydanticException) else PydanticException.from_exception(item)
+                PydanticException.from_exception(item) if isinstance(item, BaseException) else item
                 for item in failures
             ],
             metadata=metadata or {},
@@ -340,13 +345,17 @@ def check_rewards(groups: Iterable[TrajectoryGroup]) -> None:
 def check_groups(value: object, *, what: str = "trajectory_groups") -> list[TrajectoryGroup]:
     """Validate a caller's groups argument: a list of ``TrajectoryGroup`` with finite rewards."""
     if isinstance(value, TrajectoryGroup):
-        raise TypeError(f"{what} must be a list of TrajectoryGroup, not a single TrajectoryGroup; wrap it in [...]")
+        raise TypeError(
+            f"{what} must be a list of TrajectoryGroup, not a single TrajectoryGroup; wrap it in [...]"
+        )
     if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
         raise TypeError(f"{what} must be an iterable of TrajectoryGroup, not {type(value).__name__}")
     groups = list(value)
     for index, group in enumerate(groups):
         if isinstance(group, PendingTrajectoryGroup):
-            raise TypeError(f"{what}[{index}] is a pending group; await it (or use gather_trajectory_groups) first")
+            raise TypeError(
+                f"{what}[{index}] is a pending group; await it (or use gather_trajectory_groups) first"
+            )
         if not isinstance(group, TrajectoryGroup):
             raise TypeError(f"{what}[{index}] is a {type(group).__name__}; expected TrajectoryGroup")
     check_rewards(groups)

@@ -85,7 +85,9 @@ class _MessageColumns:
             self.role.append(message.role)
             self.content.append(message.content)
             calls = message.tool_calls
-            self.tool_calls.append(json.dumps([call.model_dump(mode="json") for call in calls]) if calls else None)
+            self.tool_calls.append(
+                json.dumps([call.model_dump(mode="json") for call in calls]) if calls else None
+            )
             self.tool_call_id.append(None)
             self.trainable.append(True)
             return

@@ -1,0 +1,107 @@
+"""gather_trajectory_groups / gather_trajectories: failures budget, after_each, progress bar."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from core_support import make_trajectory
+
+import art_core as art
+
+
+async def rollout(reward: float, fail: bool = False) -> art.Trajectory:
+    await asyncio.sleep(0)
+    if fail:
+        raise RuntimeError(f"rollout {reward} failed")
+    return make_trajectory(reward)
+
+
+async def test_gather_returns_groups_with_failures_within_count_budget() -> None:
+    groups = await art.gather_trajectory_groups(
+        (art.TrajectoryGroup(rollout(r, fail=(g == 0 and r == 0)) for r in range(4)) for g in range(3)),
+        max_exceptions=1,
+        pbar_desc=None,
+    )
+    assert [len(g) for g in groups] == [3, 4, 4]
+    assert len(groups[0].exceptions) == 1
+
+
+async def test_too_many_failures_raise_with_the_last_failure_as_cause() -> None:
+    with pytest.raises(art.TooManyExceptionsError, match="2 of 8 rollouts failed") as info:
+        await art.gather_trajectory_groups(
+            [art.TrajectoryGroup(rollout(r, fail=r < 2) for r in range(4)) for _ in range(2)],
+            max_exceptions=1,
+            pbar_desc=None,
+        )
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+async def test_fractional_budget_is_a_share_of_all_rollouts() -> None:
+    def batch() -> list[art.PendingTrajectoryGroup]:
+        return [art.TrajectoryGroup(rollout(r, fail=(g == 0 and r < 2)) for r in range(5)) for g in range(2)]
+
+    groups = await art.gather_trajectory_groups(
+        batch(), max_exceptions=0.2, pbar_desc=None
+    )  # 2 of 10 allowed
+    assert sum(len(g.exceptions) for g in groups) == 2
+    with pytest.raises(art.TooManyExceptionsError):
+        await art.gather_trajectory_groups(batch(), max_exceptions=0.1, pbar_desc=None)
+
+
+async def test_negative_budget_is_rejected() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        await art.gather_trajectory_groups([], max_exceptions=-1)
+
+
+async def test_after_each_can_replace_split_or_drop_groups() -> None:
+    async def after(group: art.TrajectoryGroup) -> art.TrajectoryGroup | list[art.TrajectoryGroup] | None:
+        best = max(t.reward for t in group)
+        if best == 0:
+            return None
+        if best == 3:
+            return [art.TrajectoryGroup(group.trajectories[:2]), art.TrajectoryGroup(group.trajectories[2:])]
+        group.metadata["seen"] = True
+        return group
+
+    groups = await art.gather_trajectory_groups(
+        [
+            art.TrajectoryGroup(rollout(0.0) for _ in range(2)),
+            art.TrajectoryGroup(rollout(float(r)) for r in range(4)),
+            art.TrajectoryGroup(rollout(float(r)) for r in range(2)),
+        ],
+        after_each=after,
+        pbar_desc=None,
+    )
+    assert [len(g) for g in groups] == [2, 2, 2]
+    assert groups[2].metadata == {"seen": True}
+
+
+async def test_progress_bar_shows_live_reward_and_exceptions(capsys: pytest.CaptureFixture[str]) -> None:
+    await art.gather_trajectory_groups(
+        [art.TrajectoryGroup(rollout(float(r), fail=r == 3) for r in range(4))],
+        max_exceptions=1,
+        pbar_desc="gather",
+    )
+    err = capsys.readouterr().err
+    assert "4/4" in err
+    assert "reward=1" in err and "exceptions=1" in err
+
+
+async def test_gather_trajectories_keeps_tolerated_failures_in_place() -> None:
+    results = await art.gather_trajectories(
+        [rollout(1.0), rollout(2.0, fail=True), rollout(3.0)], max_exceptions=1, pbar_desc=None
+    )
+    assert isinstance(results[0], art.Trajectory) and isinstance(results[1], RuntimeError)
+
+
+async def test_non_finite_reward_after_gather_names_group_and_trajectory() -> None:
+    async def nan_rollout() -> art.Trajectory:
+        trajectory = make_trajectory(0.0)
+        trajectory.reward = float("nan")
+        return trajectory
+
+    with pytest.raises(ValueError, match=r"trajectory 0 in group 1 is nan"):
+        await art.gather_trajectory_groups(
+            [art.TrajectoryGroup([rollout(1.0)]), art.TrajectoryGroup([nan_rollout()])], pbar_desc=None
+        )
