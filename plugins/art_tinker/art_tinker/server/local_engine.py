@@ -1,0 +1,266 @@
+"""The loopback server's engine on art-local: its functional trainer for training, its KV-cache loop for sampling.
+
+Each Tinker datum becomes one row of an art-local ``TrainBatch`` holding the full sequence
+``model_input + [target_tokens[-1]]``; art-local computes the logprob of every token from its prefix, which is the
+logprob of ``target_tokens[i]`` at input position ``i`` as long as the targets are the inputs shifted by one (the
+layout every Tinker RL and SFT recipe uses). Other targets (distillation onto arbitrary ids) are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from art_tinker.server import batching
+from art_tinker.server.engine import AdamSpec, ForwardBackwardResult, SampleSpec, TrainerHandle
+from art_tinker.server.errors import UserError
+from art_tinker.server.losses import LOSSES, check_inputs, check_loss
+from art_tinker.server.store import LoraSpec
+from art_tinker.server.wire import DatumArrays, SampledSequence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Module-name suffixes of a Llama-style decoder, per Tinker LoRA flag.
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_MODULES = ("lm_head",)
+
+
+def lora_targets(lora: LoraSpec) -> list[str]:
+    """The module names art-local should put LoRA adapters on for Tinker's train_mlp/attn/unembed flags."""
+    targets = [*(MLP_MODULES if lora.train_mlp else ()), *(ATTENTION_MODULES if lora.train_attn else ())]
+    return [*targets, *(UNEMBED_MODULES if lora.train_unembed else ())]
+
+
+@dataclass
+class LocalHandle(TrainerHandle):
+    """A live training model: art-local's components (the mutable bundle), its state and config."""
+
+    base_model: str
+    components: Any  # art_local.training.TrainingComponents
+    state: Any  # art_local.training.TrainingState
+    config: Any  # art_local.training.TrainerConfig
+
+
+class LocalEngine:
+    """``Engine`` on art-local (CPU, or CUDA when present)."""
+
+    def __init__(self, *, device: str | None = None, sampler_cache_size: int = 2) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+        self._samplers: OrderedDict[tuple[str, str | None], PreTrainedModel] = OrderedDict()
+        self._sampler_cache_size = sampler_cache_size
+
+    # -- models and tokenizers ------------------------------------------------------------------------------
+
+    def resolve_base_model(self, base_model: str) -> str:
+        path = Path(base_model).expanduser()
+        if (path / "config.json").is_file():
+            return str(path)
+        try:
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(base_model, local_files_only=True)
+        except Exception:
+            raise UserError(
+                f"base_model {base_model[:200]!r} cannot be loaded by this server: it is neither a model directory "
+                "nor in the local Hugging Face cache (this machine may have no hub access); pass a local directory, "
+                "e.g. the one art_local.tiny.build_tiny_model() returns"
+            ) from None
+        return base_model
+
+    def tokenizer(self, base_model: str) -> PreTrainedTokenizerBase:
+        if base_model not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            self._tokenizers[base_model] = AutoTokenizer.from_pretrained(base_model)
+        return self._tokenizers[base_model]
+
+    def eos_token_ids(self, base_model: str) -> tuple[int, ...]:
+        tokenizer = self.tokenizer(base_model)
+        return () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
+
+    # -- training -------------------------------------------------------------------------------------------
+
+    def create(self, base_model: str, lora: LoraSpec) -> LocalHandle:
+        from art_local import training
+
+        config = training.TrainerConfig(
+            lora_rank=lora.rank, lora_alpha=lora.rank, seed=0 if lora.seed is None else lora.seed
+        )
+        components = training.build_components(base_model, config, device=self.device, lora_targets=lora_targets(lora))
+        return LocalHandle(base_model, components, training.TrainingState(), config)
+
+    def forward_backward(
+        self,
+        handle: TrainerHandle,
+        loss_fn: str,
+        config: Mapping[str, float | str],
+        data: Sequence[DatumArrays],
+        *,
+        forward_only: bool,
+    ) -> ForwardBackwardResult:
+        from art_local import training
+
+        assert isinstance(handle, LocalHandle)
+        check_loss(loss_fn, config)
+        for index, datum in enumerate(data):
+            check_inputs(loss_fn, index, set(datum.inputs))
+        rows = batching.rows_for(data)
+        batch = batching.train_batch(rows, self.device)
+        loss_of = LOSSES[loss_fn]
+        captured: list[torch.Tensor] = []
+
+        def loss_on_rows(logprobs_BT: torch.Tensor, _batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+            per_datum = batching.per_datum_logprobs(logprobs_BT, rows)
+            captured.extend(lp.detach() for lp in per_datum)
+            inputs = [batching.torch_inputs(datum, self.device) for datum in data]
+            total = torch.stack([loss_of(new_N, ins, config) for new_N, ins in zip(per_datum, inputs, strict=True)])
+            return total.sum(), {}
+
+        if forward_only:
+            with torch.no_grad():
+                logprobs_BT = training.compute_logprobs(handle.components, batch)
+                loss, _ = loss_on_rows(logprobs_BT, batch)
+        else:
+            # art-local's forward_backward_custom backpropagates the loss we return and accumulates gradients
+            values: dict[str, float] = {}
+
+            def tracked(logprobs_BT: torch.Tensor, b: Any) -> tuple[torch.Tensor, dict[str, float]]:
+                loss, metrics = loss_on_rows(logprobs_BT, b)
+                values["loss"] = float(loss.detach())
+                return loss, metrics
+
+            training.forward_backward_custom(handle.components, batch, tracked)
+            loss = torch.tensor(values["loss"])
+        outputs = [{"logprobs": lp.float().cpu().numpy().astype(np.float32)} for lp in captured]
+        return ForwardBackwardResult(outputs=outputs, metrics={"loss:sum": float(loss)})
+
+    def optim_step(self, handle: TrainerHandle, adam: AdamSpec) -> Mapping[str, float]:
+        from art_local import training
+
+        assert isinstance(handle, LocalHandle)
+        config = dataclasses.replace(
+            handle.config,
+            learning_rate=adam.learning_rate,
+            betas=(adam.beta1, adam.beta2),
+            weight_decay=adam.weight_decay,
+            max_grad_norm=adam.grad_clip_norm if adam.grad_clip_norm > 0 else None,
+        )
+        handle.state = training.optim_step(handle.components, handle.state, config)
+        metrics = {"learning_rate:mean": adam.learning_rate}
+        grad_norm = getattr(handle.state, "last_grad_norm", None)
+        if grad_norm is not None:
+            metrics["grad_norm:mean"] = float(grad_norm)
+        return metrics
+
+    def save(self, handle: TrainerHandle, directory: Path) -> None:
+        from art_local import training
+
+        assert isinstance(handle, LocalHandle)
+        handle.state = training.save_checkpoint(handle.components, handle.state, handle.config, directory)
+
+    def load(self, handle: TrainerHandle, directory: Path, *, optimizer: bool) -> None:
+        from art_local import training
+
+        assert isinstance(handle, LocalHandle)
+        if optimizer:
+            handle.state = training.load_checkpoint(
+                handle.components, directory, handle.config, allow_config_mismatch=True
+            )
+        else:
+            weights = training.get_weights_from_checkpoint(directory)
+            training.load_weights(handle.components, weights)
+
+    def release(self, handle: TrainerHandle) -> None:
+        assert isinstance(handle, LocalHandle)
+        handle.components = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- sampling -------------------------------------------------------------------------------------------
+
+    def _sampler_model(self, base_model: str, weights: Path | None) -> PreTrainedModel:
+        key = (base_model, None if weights is None else str(weights))
+        if key in self._samplers:
+            self._samplers.move_to_end(key)
+            return self._samplers[key]
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+        if weights is not None:
+            from art_local import training
+
+            model.load_state_dict(training.merged_state_dict_from_checkpoint(base_model, weights))
+        model = model.to(self.device).eval()
+        self._samplers[key] = model
+        while len(self._samplers) > self._sampler_cache_size:
+            self._samplers.popitem(last=False)
+        return model
+
+    def sample(
+        self,
+        base_model: str,
+        weights: Path | None,
+        prompt: Sequence[int],
+        num_samples: int,
+        spec: SampleSpec,
+        *,
+        prompt_logprobs: bool,
+    ) -> tuple[list[SampledSequence], list[float] | None]:
+        from art_local.inference.engine import SamplingParams
+        from art_local.inference.sampling import Row, Vocab, sample_rows
+
+        if spec.top_k > 0:
+            raise UserError(f"sampling_params.top_k={spec.top_k} is not supported here; use top_p (or -1)")
+        if not prompt:
+            raise UserError("the prompt is empty; sampling needs at least one token")
+        model = self._sampler_model(base_model, weights)
+        tokenizer = self.tokenizer(base_model)
+        context = int(getattr(model.config, "max_position_embeddings", 2048))
+        room = context - len(prompt)
+        if room < 1:
+            raise UserError(f"the prompt has {len(prompt)} tokens; this model's context is {context}")
+        max_new = min(spec.max_tokens or room, room)
+        try:
+            params = SamplingParams(
+                max_tokens=max_new, temperature=spec.temperature, top_p=spec.top_p, stop=spec.stop_strings
+            )
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        vocab = Vocab(tokenizer=tokenizer, eos_token_ids=frozenset(spec.stop_tokens), pad_token_id=int(pad))
+        rows = [
+            Row(tuple(prompt), params, _generator(spec.seed, i, self.device), max_new) for i in range(num_samples)
+        ]
+        completions = sample_rows(model, vocab, rows)
+        sequences = [
+            SampledSequence(list(c.token_ids), list(c.logprobs), "stop" if c.finish_reason == "stop" else "length")
+            for c in completions
+        ]
+        return sequences, (_prompt_logprobs(model, prompt, self.device) if prompt_logprobs else None)
+
+
+def _generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed + index)
+
+
+@torch.inference_mode()
+def _prompt_logprobs(model: PreTrainedModel, prompt: Sequence[int], device: torch.device) -> list[float]:
+    tokens_1T = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    logprobs_TV = model(input_ids=tokens_1T).logits[0].float().log_softmax(dim=-1)
+    chosen: npt.NDArray[np.float32] = (
+        logprobs_TV[:-1].gather(-1, tokens_1T[0, 1:].unsqueeze(-1)).squeeze(-1).cpu().numpy()
+    )
+    return [float("nan"), *chosen.tolist()]

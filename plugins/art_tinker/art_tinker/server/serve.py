@@ -1,0 +1,73 @@
+"""Build and run the loopback server (uvicorn on 127.0.0.1 by default)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI
+
+DEFAULT_ROOT = Path(".art") / "tinker_server"
+
+
+def default_api_key() -> tuple[str, bool]:
+    """``$ART_TINKER_API_KEY`` or a fresh random ``tml-`` key; the flag says whether it was generated."""
+    given = os.environ.get("ART_TINKER_API_KEY")
+    if given:
+        return given, False
+    return "tml-" + secrets.token_urlsafe(24), True
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the server listens, its key, where checkpoints live, and its timing knobs."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str = field(default_factory=lambda: default_api_key()[0])
+    root: Path = DEFAULT_ROOT
+    device: str | None = None
+    long_poll_s: float = 20.0
+    session_timeout_s: float = 900.0
+    max_body_bytes: int = 512 * 1024 * 1024
+
+
+def build_app(config: ServerConfig) -> FastAPI:
+    """The FastAPI app over art-local's engine and a checkpoint store at ``config.root``."""
+    from art_tinker.server.app import create_app
+    from art_tinker.server.local_engine import LocalEngine
+    from art_tinker.server.service import TinkerService
+    from art_tinker.server.store import CheckpointStore
+
+    service = TinkerService(
+        LocalEngine(device=config.device),
+        CheckpointStore(config.root),
+        long_poll_s=config.long_poll_s,
+        session_timeout_s=config.session_timeout_s,
+    )
+    return create_app(service, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+
+
+def serve(config: ServerConfig, *, log_level: str = "warning") -> None:
+    """Run until interrupted; prints ``art tinker server listening on http://HOST:PORT`` once it accepts."""
+    import uvicorn
+
+    app = build_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level))
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            print(f"art tinker server listening on http://{config.host}:{port}", flush=True)
+        await task
+
+    asyncio.run(run())
+    if not server.started:
+        sys.exit(1)
