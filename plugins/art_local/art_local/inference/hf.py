@@ -1,0 +1,427 @@
+"""The transformers engine (CPU and GPU): merged weights per served step, dynamic batching.
+
+Every served step is its own module holding merged (LoRA-folded) weights, so generation never pays for an
+unmerged adapter and publishing a step never touches weights a running batch reads: in-flight requests finish
+on the module they started with. ``name`` always maps to the latest step; older steps stay in a small LRU and
+are reloaded on demand through the ``load_step`` callback.
+
+Requests that arrive within ``batch_window_s`` of each other are sampled together (``sampling.sample_rows``) by
+one worker thread, so the HTTP server's event loop stays free while the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from art_local.inference.engine import (
+    Completion,
+    SamplingParams,
+    ServedModel,
+    UnknownModelError,
+    split_step_name,
+)
+from art_local.inference.sampling import Row, Vocab, sample_rows
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+LoadStep = Callable[[int], Mapping[str, torch.Tensor] | None]
+
+
+@dataclass(frozen=True)
+class HFEngineConfig:
+    """Options of the transformers engine."""
+
+    device: str | None = None  # None: cuda when available, else cpu
+    dtype: torch.dtype | None = None  # None: bfloat16 on cuda, float32 on cpu
+    batch_window_s: float = 0.005  # how long the first request of a batch waits for company
+    max_batch_rows: int = 64  # sequences (prompts x n) sampled together at most
+    max_cached_steps: int = 2  # older steps kept in memory besides the latest (least recently used goes)
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on GPU, float32 on CPU (bf16 on CPUs without native support is a trap; ARCHITECTURE §6)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_weights_into(module: PreTrainedModel, weights: Mapping[str, torch.Tensor]) -> None:
+    """Copy a full state dict into ``module``; tied parameters may be omitted, anything else must match."""
+    result = module.load_state_dict(dict(weights), strict=False)
+    if result.unexpected_keys:
+        raise ValueError(
+            f"weights hold keys the model does not have: {sorted(result.unexpected_keys)[:5]}; pass the merged "
+            "state dict of the same base model (art_local.training.merged_state_dict)"
+        )
+    params = dict(module.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in weights if k in params}
+    missing = [k for k in result.missing_keys if k in params and id(params[k]) not in loaded]
+    missing += [k for k in result.missing_keys if k not in params and "inv_freq" not in k]
+    if missing:
+        raise ValueError(
+            f"weights lack {sorted(missing)[:5]}; pass the full merged state dict of the base model"
+        )
+
+
+def _eos_ids(tokenizer: PreTrainedTokenizerBase, module: PreTrainedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config_eos = getattr(module.generation_config, "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif isinstance(config_eos, list):
+        ids.update(int(i) for i in config_eos)
+    return frozenset(ids)
+
+
+@dataclass
+class _Entry:
+    """One served model name: its tokenizer and the modules of the steps held in memory."""
+
+    base_model: str
+    tokenizer: PreTrainedTokenizerBase
+    vocab: Vocab
+    context_length: int
+    created: int
+    latest: int
+    load_step: LoadStep
+    modules: OrderedDict[int, PreTrainedModel] = field(
+        default_factory=OrderedDict
+    )  # LRU order, latest pinned
+    forgotten: set[int] = field(default_factory=set)
+    load_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class _Job:
+    module: PreTrainedModel
+    vocab: Vocab
+    rows: list[Row]
+    future: asyncio.Future[list[Completion]]
+    loop: asyncio.AbstractEventLoop
+
+
+def _settle(job: _Job, result: list[Completion] | BaseException) -> None:
+    def apply() -> None:
+        if job.future.done():
+            return
+        if isinstance(result, BaseException):
+            job.future.set_exception(result)
+        else:
+            job.future.set_result(result)
+
+    try:
+        job.loop.call_soon_threadsafe(apply)
+    except RuntimeError:  # the requester's loop is closed: nobody is waiting
+        pass
+
+
+class BatchWorker:
+    """One thread that collects jobs for ``window_s`` and samples each module's jobs as one batch."""
+
+    def __init__(self, window_s: float, max_rows: int) -> None:
+        self._window_s, self._max_rows = window_s, max_rows
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="art-hf-batcher")
+        self._thread.start()
+        self.batches_run = 0  # for tests and benchmarks: how many sample_rows calls were made
+
+    def submit(self, job: _Job) -> None:
+        """Queue a job; its future is settled from the worker thread."""
+        self._queue.put(job)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the running batch, fail queued jobs, and stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
+        jobs, rows = [first], len(first.rows)
+        deadline = time.monotonic() + self._window_s
+        while rows < self._max_rows:
+            try:
+                job = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+            rows += len(job.rows)
+        return jobs, False
+
+    def _run(self) -> None:
+        closing = False
+        while not closing:
+            first = self._queue.get()
+            if first is None:
+                break
+            jobs, closing = self._collect(first)
+            groups: dict[int, list[_Job]] = {}
+            for job in jobs:
+                if not job.future.cancelled():
+                    groups.setdefault(id(job.module), []).append(job)
+            for group in groups.values():
+                self._run_group(group)
+        while not self._queue.empty():
+            left = self._queue.get_nowait()
+            if left is not None:
+                _settle(left, RuntimeError("the inference engine was closed before this request ran"))
+
+    def _run_group(self, jobs: list[_Job]) -> None:
+        chunk: list[_Job] = []
+        for job in jobs:
+            if chunk and sum(len(j.rows) for j in chunk) + len(job.rows) > self._max_rows:
+                self._sample(chunk)
+                chunk = []
+            chunk.append(job)
+        if chunk:
+            self._sample(chunk)
+
+    def _sample(self, jobs: list[_Job]) -> None:
+        rows = [row for job in jobs for row in job.rows]
+        try:
+            completions = sample_rows(jobs[0].module, jobs[0].vocab, rows)
+        except Exception as exc:  # never kill the worker: fail these requests with the cause
+            for job in jobs:
+                _settle(job, RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
+            return
+        finally:
+            self.batches_run += 1
+        start = 0
+        for job in jobs:
+            _settle(job, completions[start : start + len(job.rows)])
+            start += len(job.rows)
+
+
+class HFEngine:
+    """Serves ``name`` and ``name@step`` from merged transformers modules with dynamic batching."""
+
+    def __init__(self, config: HFEngineConfig | None = None) -> None:
+        self.config = config or HFEngineConfig()
+        self.device = torch.device(self.config.device) if self.config.device else default_device()
+        self.dtype = self.config.dtype or default_dtype(self.device)
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self._worker = BatchWorker(self.config.batch_window_s, self.config.max_batch_rows)
+
+    # ---- registry (called from the service, off the event loop) ----
+
+    async def add_model(
+        self,
+        name: str,
+        *,
+        base_model: str | Path,
+        step: int,
+        weights: Mapping[str, torch.Tensor] | None,
+        load_step: LoadStep,
+        adapter_dir: Path | None = None,
+    ) -> None:
+        """Serve ``name`` at ``step`` (base weights when ``weights`` is None); again with the same base: publish."""
+        await asyncio.to_thread(self.add_model_sync, name, base_model, step, weights, load_step)
+
+    def add_model_sync(
+        self,
+        name: str,
+        base_model: str | Path,
+        step: int,
+        weights: Mapping[str, torch.Tensor] | None,
+        load_step: LoadStep,
+    ) -> None:
+        """``add_model`` on the calling thread (it loads weights: keep it off an event loop)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        with self._lock:
+            existing = self._entries.get(name)
+        if existing is not None:
+            if existing.base_model != str(base_model):
+                raise ValueError(
+                    f"model {name!r} is already served from {existing.base_model!r}, not {str(base_model)!r}; "
+                    "use another name"
+                )
+            existing.load_step = load_step
+            if step != existing.latest:
+                self.publish_sync(
+                    name, step, weights if weights is not None else self._base_weights(existing)
+                )
+            return
+        tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+        module: PreTrainedModel = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=self.dtype)
+        module.to(self.device)  # type: ignore[arg-type]  # transformers types .to() narrower than torch
+        module.train(False)
+        if weights is not None:
+            load_weights_into(module, weights)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        entry = _Entry(
+            base_model=str(base_model),
+            tokenizer=tokenizer,
+            vocab=Vocab(tokenizer, _eos_ids(tokenizer, module), int(pad or 0)),
+            context_length=int(getattr(module.config, "max_position_embeddings", 2048)),
+            created=int(time.time()),
+            latest=step,
+            load_step=load_step,
+        )
+        entry.modules[step] = module
+        with self._lock:
+            self._entries[name] = entry
+
+    def _base_weights(self, entry: _Entry) -> dict[str, torch.Tensor]:
+        from transformers import AutoModelForCausalLM
+
+        return dict(AutoModelForCausalLM.from_pretrained(entry.base_model, dtype=self.dtype).state_dict())
+
+    async def publish(
+        self, name: str, step: int, weights: Mapping[str, torch.Tensor], *, adapter_dir: Path | None = None
+    ) -> None:
+        """``name`` and ``name@step`` now answer with ``weights``; running batches keep their module."""
+        await asyncio.to_thread(self.publish_sync, name, step, weights)
+
+    def publish_sync(self, name: str, step: int, weights: Mapping[str, torch.Tensor]) -> None:
+        """``publish`` on the calling thread."""
+        entry = self._entry(name, name)
+        module = self._build(entry, weights)
+        with self._lock:
+            entry.modules[step] = module
+            entry.modules.move_to_end(step)
+            entry.latest = step
+            entry.forgotten.discard(step)
+            self._evict(entry)
+
+    async def forget_steps(self, name: str, keep: Collection[int]) -> None:
+        """Stop serving ``name@s`` for every step not in ``keep`` (the latest stays served as ``name``)."""
+        entry = self._entry(name, name)
+        with self._lock:
+            for step in list(entry.modules):
+                if step not in keep and step != entry.latest:
+                    del entry.modules[step]
+            entry.forgotten.update(s for s in range(entry.latest) if s not in keep)
+
+    def _build(self, entry: _Entry, weights: Mapping[str, torch.Tensor]) -> PreTrainedModel:
+        with self._lock:
+            template = entry.modules[entry.latest]
+        module = copy.deepcopy(template)
+        load_weights_into(module, weights)
+        return module
+
+    def _evict(self, entry: _Entry) -> None:
+        old = [s for s in entry.modules if s != entry.latest]
+        for step in old[: max(len(old) - self.config.max_cached_steps, 0)]:
+            del entry.modules[step]
+
+    def _entry(self, name: str, requested: str) -> _Entry:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise UnknownModelError(requested, [m.name for m in self._served_locked()])
+            return entry
+
+    # ---- Engine protocol ----
+
+    def _served_locked(self) -> list[ServedModel]:
+        served = []
+        for name, e in self._entries.items():
+            for label in [name, *(f"{name}@{s}" for s in sorted(e.modules))]:
+                served.append(ServedModel(label, e.tokenizer, e.context_length, e.created))
+        return served
+
+    def served_models(self) -> list[ServedModel]:
+        """``name`` and ``name@step`` for every step held in memory."""
+        with self._lock:
+            return self._served_locked()
+
+    def resolve(self, model: str) -> ServedModel:
+        """Tokenizer and context length of ``model`` (older steps are checked when generating)."""
+        name, _ = split_step_name(model)
+        entry = self._entry(name, model)
+        return ServedModel(model, entry.tokenizer, entry.context_length, entry.created)
+
+    def _module(self, model: str) -> tuple[_Entry, PreTrainedModel | None, int]:
+        name, step = split_step_name(model)
+        entry = self._entry(name, model)
+        with self._lock:
+            wanted = entry.latest if step is None else step
+            if wanted in entry.forgotten or wanted > entry.latest:
+                raise UnknownModelError(model, [m.name for m in self._served_locked()])
+            module = entry.modules.get(wanted)
+            if module is not None:
+                entry.modules.move_to_end(wanted)
+        return entry, module, wanted
+
+    def _load_old_step(self, model: str, entry: _Entry, step: int) -> PreTrainedModel:
+        with entry.load_lock:
+            with self._lock:
+                if step in entry.modules:
+                    return entry.modules[step]
+            weights = entry.load_step(step)
+            if weights is None:
+                raise UnknownModelError(model, [m.name for m in self.served_models()])
+            module = self._build(entry, weights)
+            with self._lock:
+                entry.modules[step] = module
+                self._evict(entry)
+            return module
+
+    async def generate(
+        self, model: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> list[Completion]:
+        """``params.n`` completions, sampled in a batch with whatever else arrived in the same window."""
+        entry, module, step = self._module(model)
+        if module is None:
+            module = await asyncio.to_thread(self._load_old_step, model, entry, step)
+        room = entry.context_length - len(prompt_token_ids)
+        if room < 1:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens; {model!r} accepts {entry.context_length}"
+            )
+        rows = [
+            Row(
+                tuple(prompt_token_ids), params, self._generator(params.seed, i), min(params.max_tokens, room)
+            )
+            for i in range(params.n)
+        ]
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Completion]] = loop.create_future()
+        self._worker.submit(_Job(module, entry.vocab, rows, future, loop))
+        return await future
+
+    def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed((seed + index) % (2**63))
+
+    @property
+    def batches_run(self) -> int:
+        """How many batches the worker has sampled (dynamic batching is visible in tests)."""
+        return self._worker.batches_run
+
+    async def close(self) -> None:
+        """Stop the batch worker and drop every module."""
+        await asyncio.to_thread(self._worker.close)
+        with self._lock:
+            self._entries.clear()
+
+    def describe(self) -> dict[str, Any]:
+        """Device, dtype and steps held per name (for logs and tests)."""
+        with self._lock:
+            return {
+                "device": str(self.device),
+                "dtype": str(self.dtype),
+                "models": {
+                    n: {"latest": e.latest, "in_memory": list(e.modules)} for n, e in self._entries.items()
+                },
+            }

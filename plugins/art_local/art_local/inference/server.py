@@ -1,0 +1,275 @@
+"""The OpenAI-compatible HTTP server over any ``Engine``, reusable by other plugins.
+
+``create_app(engine, api_key=...)`` builds the FastAPI app (``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /health``); ``InferenceServer(app)`` runs it with uvicorn in a background thread bound to 127.0.0.1 on a
+free port, so the server keeps answering while the caller's event loop is busy (e.g. training). Errors use
+OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from art_local.inference.engine import Engine, UnknownModelError
+from art_local.inference.protocol import (
+    ChatCompletionRequest,
+    RequestError,
+    chat_completion_response,
+    render_prompt,
+    sampling_params,
+)
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(
+    status: int, message: str, kind: str, code: str | None = None, param: str | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, code, param), status_code=status)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """ASGI middleware: answers 413 when a request body exceeds ``max_bytes`` (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _error(
+            413,
+            f"request body exceeds {self.max_bytes} bytes; send a smaller request",
+            "invalid_request_error",
+            "request_too_large",
+        )
+        await response(scope, receive, send)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+            for e in errors
+        )
+        return _error(
+            400, f"invalid request: {message}", "invalid_request_error", "invalid_request", where or None
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        logging.getLogger(__name__).exception("inference request failed")
+        return _error(500, f"inference failed: {type(exc).__name__}: {exc}", "server_error", "internal_error")
+
+
+def create_app(engine: Engine, *, api_key: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The OpenAI-compatible FastAPI app over ``engine``; every ``/v1`` route requires ``api_key``."""
+    if not api_key:
+        raise ValueError("api_key is empty; the server requires a key (use secrets.token_urlsafe())")
+    expected = f"Bearer {api_key}".encode()
+    app = FastAPI(title="art inference", docs_url=None, redoc_url=None, openapi_url=None)
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        if request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _error(
+                    401,
+                    "missing or wrong API key; send 'Authorization: Bearer <key>' with the key the backend returned",
+                    "invalid_request_error",
+                    "invalid_api_key",
+                )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": m.name, "object": "model", "created": m.created, "owned_by": "art"}
+                for m in engine.served_models()
+            ],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        try:
+            served = engine.resolve(body.model)
+            prompt = render_prompt(served, body)
+            params = sampling_params(served, body, len(prompt))
+            completions = await engine.generate(body.model, prompt, params)
+        except UnknownModelError as exc:
+            return _error(404, str(exc), "invalid_request_error", "model_not_found", "model")
+        except RequestError as exc:
+            return _error(400, str(exc), "invalid_request_error", "invalid_request", exc.param)
+        return chat_completion_response(served, body, len(prompt), completions)
+
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    return app
+
+
+class _StartupLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0 = a free port); a clear error when the port is taken."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno, f"cannot bind {host}:{port} ({exc.strerror}); pass port=0 for a free port"
+        ) from exc
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+class InferenceServer:
+    """Runs an ASGI app with uvicorn in a daemon thread; ``start``/``stop`` have timeouts."""
+
+    def __init__(self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._app, self._host, self._requested_port = app, host, port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self._failure: BaseException | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port/v1`` (valid after ``start``)."""
+        if not self.port:
+            raise RuntimeError("the server has not started; await start() first")
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}/v1"
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        """Bind, start serving, and return once the server accepts requests (idempotent)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._socket = bind_socket(self._host, self._requested_port)
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(
+            self._app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5
+        )
+        self._server = server = uvicorn.Server(config)
+        log = _StartupLog()
+        logging.getLogger("uvicorn.error").addHandler(log)
+        self._failure = None
+        self._thread = threading.Thread(
+            target=self._run, args=(server, self._socket), daemon=True, name="art-http"
+        )
+        self._thread.start()
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not server.started:
+                if not self._thread.is_alive() or time.monotonic() > deadline:
+                    why = (
+                        "exited" if not self._thread.is_alive() else f"did not start within {timeout_s:.0f} s"
+                    )
+                    text = "\n".join(log.lines) or repr(self._failure)
+                    await self.stop()
+                    raise RuntimeError(f"inference server {why}: {text}") from self._failure
+                await asyncio.sleep(0.01)
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(log)
+
+    def _run(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        try:
+            asyncio.run(server.serve(sockets=[sock]))
+        except BaseException as exc:  # SystemExit from uvicorn's start-up failures included
+            self._failure = exc
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop serving, wait for the thread, and release the port."""
+        if self._server is not None:
+            self._server.should_exit = True
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.join, timeout_s)
+            if thread.is_alive() and self._server is not None:
+                self._server.force_exit = True
+                await asyncio.to_thread(thread.join, 5.0)
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        self._server = None
