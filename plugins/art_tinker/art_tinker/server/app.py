@@ -28,7 +28,9 @@ HOUSEKEEPING_PERIOD_S = 30.0
 
 def _error(status: int, kind: str, message: str) -> JSONResponse:
     # A body is required: the SDK treats a 400 with an empty body as a proxy hiccup and retries it.
-    return JSONResponse({"error": kind, "message": message}, status_code=status, headers={"x-should-retry": "false"})
+    return JSONResponse(
+        {"error": kind, "message": message}, status_code=status, headers={"x-should-retry": "false"}
+    )
 
 
 async def _body(request: Request, max_body_bytes: int) -> bytes:
@@ -60,7 +62,9 @@ async def _parse(request: Request, model: type[M], max_body_bytes: int) -> M:
     try:
         return model.model_validate(raw)
     except pydantic.ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:5])
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:5]
+        )
         raise UserError(f"{model.__name__} is malformed: {problems}") from None
 
 

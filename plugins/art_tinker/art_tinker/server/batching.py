@@ -70,6 +70,7 @@ def train_batch(rows: Sequence[Row], device: torch.device) -> Any:
         tokens_BT=tokens_BT.to(device),
         position_ids_BT=position_ids_BT.to(device),
         segment_ids_BT=segment_ids_BT.to(device),
+        prefix_segment_ids_BT=torch.zeros(shape, dtype=torch.long, device=device),
         loss_mask_BT=loss_mask_BT.to(device),
         old_logprobs_BT=torch.full(shape, float("nan"), device=device),
         advantages_BT=torch.zeros(shape, device=device),

@@ -94,10 +94,15 @@ class LocalEngine:
     def create(self, base_model: str, lora: LoraSpec) -> LocalHandle:
         from art_local import training
 
+        targets = lora_targets(lora)
         config = training.TrainerConfig(
-            lora_rank=lora.rank, lora_alpha=lora.rank, seed=0 if lora.seed is None else lora.seed
+            lora_rank=lora.rank,
+            lora_alpha=2.0 * lora.rank,  # scale 2, as art-local's default (rank 8, alpha 16)
+            lora_targets=tuple(targets),
+            seed=0 if lora.seed is None else lora.seed,
+            max_sequence_length=1 << 30,
         )
-        components = training.build_components(base_model, config, device=self.device, lora_targets=lora_targets(lora))
+        components = training.build_components(base_model, config, device=self.device, lora_targets=targets)
         return LocalHandle(base_model, components, training.TrainingState(), config)
 
     def forward_backward(
@@ -118,32 +123,23 @@ class LocalEngine:
         rows = batching.rows_for(data)
         batch = batching.train_batch(rows, self.device)
         loss_of = LOSSES[loss_fn]
+        inputs = [batching.torch_inputs(datum, self.device) for datum in data]
         captured: list[torch.Tensor] = []
 
         def loss_on_rows(logprobs_BT: torch.Tensor, _batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
             per_datum = batching.per_datum_logprobs(logprobs_BT, rows)
             captured.extend(lp.detach() for lp in per_datum)
-            inputs = [batching.torch_inputs(datum, self.device) for datum in data]
-            total = torch.stack([loss_of(new_N, ins, config) for new_N, ins in zip(per_datum, inputs, strict=True)])
-            return total.sum(), {}
+            losses = [loss_of(new_N, ins, config) for new_N, ins in zip(per_datum, inputs, strict=True)]
+            return torch.stack(losses).sum(), {}
 
         if forward_only:
             with torch.no_grad():
-                logprobs_BT = training.compute_logprobs(handle.components, batch)
-                loss, _ = loss_on_rows(logprobs_BT, batch)
-        else:
-            # art-local's forward_backward_custom backpropagates the loss we return and accumulates gradients
-            values: dict[str, float] = {}
-
-            def tracked(logprobs_BT: torch.Tensor, b: Any) -> tuple[torch.Tensor, dict[str, float]]:
-                loss, metrics = loss_on_rows(logprobs_BT, b)
-                values["loss"] = float(loss.detach())
-                return loss, metrics
-
-            training.forward_backward_custom(handle.components, batch, tracked)
-            loss = torch.tensor(values["loss"])
+                loss, _ = loss_on_rows(training.compute_logprobs(handle.components, batch), batch)
+            total = float(loss)
+        else:  # art-local backpropagates the returned loss; gradients accumulate until optim_step
+            total = training.forward_backward_custom(handle.components, batch, loss_on_rows)["loss/train"]
         outputs = [{"logprobs": lp.float().cpu().numpy().astype(np.float32)} for lp in captured]
-        return ForwardBackwardResult(outputs=outputs, metrics={"loss:sum": float(loss)})
+        return ForwardBackwardResult(outputs=outputs, metrics={"loss:sum": total})
 
     def optim_step(self, handle: TrainerHandle, adam: AdamSpec) -> Mapping[str, float]:
         from art_local import training
@@ -152,16 +148,14 @@ class LocalEngine:
         config = dataclasses.replace(
             handle.config,
             learning_rate=adam.learning_rate,
-            betas=(adam.beta1, adam.beta2),
-            weight_decay=adam.weight_decay,
             max_grad_norm=adam.grad_clip_norm if adam.grad_clip_norm > 0 else None,
         )
+        for (
+            group
+        ) in handle.components.optimizer.param_groups:  # Tinker sends AdamW's settings with every step
+            group.update(betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay)
         handle.state = training.optim_step(handle.components, handle.state, config)
-        metrics = {"learning_rate:mean": adam.learning_rate}
-        grad_norm = getattr(handle.state, "last_grad_norm", None)
-        if grad_norm is not None:
-            metrics["grad_norm:mean"] = float(grad_norm)
-        return metrics
+        return {"grad_norm:mean": handle.state.grad_norm, "learning_rate:mean": adam.learning_rate}
 
     def save(self, handle: TrainerHandle, directory: Path) -> None:
         from art_local import training
@@ -177,9 +171,12 @@ class LocalEngine:
             handle.state = training.load_checkpoint(
                 handle.components, directory, handle.config, allow_config_mismatch=True
             )
-        else:
-            weights = training.get_weights_from_checkpoint(directory)
-            training.load_weights(handle.components, weights)
+            return
+        from safetensors.torch import load_file
+
+        adapter = load_file(str(directory / training.checkpoint.ADAPTER_FILE), device=str(self.device))
+        training.load_weights(handle.components, adapter)
+        handle.components.optimizer.state.clear()  # weights only: the optimizer starts afresh
 
     def release(self, handle: TrainerHandle) -> None:
         assert isinstance(handle, LocalHandle)
@@ -201,7 +198,8 @@ class LocalEngine:
             from art_local import training
 
             model.load_state_dict(training.merged_state_dict_from_checkpoint(base_model, weights))
-        model = model.to(self.device).eval()
+        model.to(self.device)
+        model.eval()
         self._samplers[key] = model
         while len(self._samplers) > self._sampler_cache_size:
             self._samplers.popitem(last=False)
@@ -240,11 +238,14 @@ class LocalEngine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         vocab = Vocab(tokenizer=tokenizer, eos_token_ids=frozenset(spec.stop_tokens), pad_token_id=int(pad))
         rows = [
-            Row(tuple(prompt), params, _generator(spec.seed, i, self.device), max_new) for i in range(num_samples)
+            Row(tuple(prompt), params, _generator(spec.seed, i, self.device), max_new)
+            for i in range(num_samples)
         ]
         completions = sample_rows(model, vocab, rows)
         sequences = [
-            SampledSequence(list(c.token_ids), list(c.logprobs), "stop" if c.finish_reason == "stop" else "length")
+            SampledSequence(
+                list(c.token_ids), list(c.logprobs), "stop" if c.finish_reason == "stop" else "length"
+            )
             for c in completions
         ]
         return sequences, (_prompt_logprobs(model, prompt, self.device) if prompt_logprobs else None)

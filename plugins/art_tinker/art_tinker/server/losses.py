@@ -40,11 +40,15 @@ SUPPORTED = tuple(_CONFIG_KEYS)
 def check_loss(loss_fn: str, config: Config) -> None:
     """Refuse an unknown loss or a config key that loss does not read (nothing is silently ignored)."""
     if loss_fn not in _CONFIG_KEYS:
-        raise UserError(f"loss_fn {loss_fn!r} is not supported by the art loopback server; use one of {SUPPORTED}")
+        raise UserError(
+            f"loss_fn {loss_fn!r} is not supported by the art loopback server; use one of {SUPPORTED}"
+        )
     unknown = set(config) - _CONFIG_KEYS[loss_fn]
     if unknown:
         allowed = sorted(_CONFIG_KEYS[loss_fn]) or "none"
-        raise UserError(f"loss_fn_config keys {sorted(unknown)} do not apply to {loss_fn!r} (it reads: {allowed})")
+        raise UserError(
+            f"loss_fn_config keys {sorted(unknown)} do not apply to {loss_fn!r} (it reads: {allowed})"
+        )
     for key, value in config.items():
         if not isinstance(value, float | int):
             raise UserError(f"loss_fn_config[{key!r}]={value!r} must be a number")

@@ -61,7 +61,7 @@ def serve(config: ServerConfig, *, log_level: str = "warning") -> None:
 
     async def run() -> None:
         task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
+        while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn exposes only a flag)
             await asyncio.sleep(0.05)
         if server.started:
             port = server.servers[0].sockets[0].getsockname()[1]

@@ -109,7 +109,9 @@ class TinkerService:
         """A live session (touching its heartbeat clock), or NotFound / Gone."""
         session = self.sessions.get(session_id)
         if session is None:
-            raise NotFound(f"session {session_id[:100]!r} is unknown to this server; create a new ServiceClient")
+            raise NotFound(
+                f"session {session_id[:100]!r} is unknown to this server; create a new ServiceClient"
+            )
         if session.finished:
             raise Gone(f"session {session_id!r} was finished; create a new ServiceClient")
         session.last_seen = time.monotonic()
@@ -193,7 +195,9 @@ class TinkerService:
         if lora is None:
             raise UserError("create_model needs a lora_config; this server trains LoRA adapters only")
         if lora.rank < 1 or not (lora.train_mlp or lora.train_attn or lora.train_unembed):
-            raise UserError(f"lora_config {lora!r} needs rank >= 1 and one of train_mlp/train_attn/train_unembed")
+            raise UserError(
+                f"lora_config {lora!r} needs rank >= 1 and one of train_mlp/train_attn/train_unembed"
+            )
         _check_optimizer(request.optimizer_config)
         self.engine.resolve_base_model(request.base_model)
         spec = LoraSpec(lora.rank, lora.seed, lora.train_mlp, lora.train_attn, lora.train_unembed)
@@ -256,9 +260,14 @@ class TinkerService:
             metrics = await self.compute(self.engine.optim_step, self._handle(model), AdamSpec(**values))
             return JsonResult({"metrics": dict(metrics), "type": "optim_step"})
 
-        return {"request_id": self._ordered(model, request.seq_id, "optim_step", run), "model_id": request.model_id}
+        return {
+            "request_id": self._ordered(model, request.seq_id, "optim_step", run),
+            "model_id": request.model_id,
+        }
 
-    def _save(self, model: LiveModel, ref: CheckpointRef, overwrite: bool, metadata: dict[str, str] | None) -> Any:
+    def _save(
+        self, model: LiveModel, ref: CheckpointRef, overwrite: bool, metadata: dict[str, str] | None
+    ) -> Any:
         async def save() -> None:
             with self.store.writing(ref, model.run, overwrite=overwrite, user_metadata=metadata) as tmp:
                 await self.compute(self.engine.save, self._handle(model), tmp)
@@ -269,11 +278,16 @@ class TinkerService:
         model = self.model(request.model_id)
 
         async def run() -> Outcome:
-            ref = CheckpointRef(model.run.model_id, "weights", check_name(request.path or f"seq-{request.seq_id}"))
+            ref = CheckpointRef(
+                model.run.model_id, "weights", check_name(request.path or f"seq-{request.seq_id}")
+            )
             await self._save(model, ref, request.overwrite, request.user_metadata)
             return JsonResult({"path": ref.tinker_path, "type": "save_weights"})
 
-        return {"request_id": self._ordered(model, request.seq_id, "save_weights", run), "model_id": request.model_id}
+        return {
+            "request_id": self._ordered(model, request.seq_id, "save_weights", run),
+            "model_id": request.model_id,
+        }
 
     def save_weights_for_sampler(self, request: types.SaveWeightsForSamplerRequest) -> dict[str, Any]:
         model = self.model(request.model_id)
@@ -298,7 +312,9 @@ class TinkerService:
     def _training_checkpoint(self, path: str) -> tuple[CheckpointRef, Path]:
         ref = parse_tinker_path(path)
         if ref.kind != "weights":
-            raise UserError(f"{path} holds sampler weights; load_weights needs tinker://<model_id>/weights/<name>")
+            raise UserError(
+                f"{path} holds sampler weights; load_weights needs tinker://<model_id>/weights/<name>"
+            )
         return ref, self.store.existing(ref)
 
     def load_weights(self, request: types.LoadWeightsRequest) -> dict[str, Any]:
@@ -308,10 +324,17 @@ class TinkerService:
             model = self.model(request.model_id)
 
             async def load_into() -> Outcome:
-                await self.compute(self.engine.load, self._handle(model), directory, optimizer=request.optimizer)
-                return JsonResult({"path": request.path, "model_id": model.run.model_id, "type": "load_weights"})
+                await self.compute(
+                    self.engine.load, self._handle(model), directory, optimizer=request.optimizer
+                )
+                return JsonResult(
+                    {"path": request.path, "model_id": model.run.model_id, "type": "load_weights"}
+                )
 
-            return {"request_id": self._ordered(model, request.seq_id, "load_weights", load_into), **_mid(model)}
+            return {
+                "request_id": self._ordered(model, request.seq_id, "load_weights", load_into),
+                **_mid(model),
+            }
         if request.session_id is None or request.model_seq_id is None:
             raise UserError("load_weights needs either model_id and seq_id, or session_id and model_seq_id")
         session = self.session(request.session_id)
@@ -337,7 +360,9 @@ class TinkerService:
         if model_path:
             ref = parse_tinker_path(model_path)
             directory = self.store.existing(ref)
-            return Sampler(sampler_id, base_model or self.store.read_meta(ref)["base_model"], model_path, directory)
+            return Sampler(
+                sampler_id, base_model or self.store.read_meta(ref)["base_model"], model_path, directory
+            )
         if not base_model:
             raise UserError("a sampler needs a model_path (tinker://...) or a base_model")
         self.engine.resolve_base_model(base_model)
@@ -347,7 +372,9 @@ class TinkerService:
         session = self.session(request.session_id)
         sampler_id = f"{session.session_id}:sample:{request.sampling_session_seq_id}"
         if sampler_id not in self.samplers:
-            self.samplers[sampler_id] = self._resolve_sampler(sampler_id, request.base_model, request.model_path)
+            self.samplers[sampler_id] = self._resolve_sampler(
+                sampler_id, request.base_model, request.model_path
+            )
             session.sampler_ids.add(sampler_id)
         return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
 
@@ -355,13 +382,19 @@ class TinkerService:
         sampler = self.samplers.get(sampler_id)
         if sampler is None:
             raise NotFound(f"sampler {sampler_id[:100]!r} is unknown on this server")
-        return {"sampler_id": sampler.sampler_id, "base_model": sampler.base_model, "model_path": sampler.model_path}
+        return {
+            "sampler_id": sampler.sampler_id,
+            "base_model": sampler.base_model,
+            "model_path": sampler.model_path,
+        }
 
     def asample(self, request: types.SampleRequest) -> dict[str, Any]:
         if request.sampling_session_id:
             sampler = self.samplers.get(request.sampling_session_id)
             if sampler is None:
-                raise NotFound(f"sampling_session_id {request.sampling_session_id[:100]!r} is unknown on this server")
+                raise NotFound(
+                    f"sampling_session_id {request.sampling_session_id[:100]!r} is unknown on this server"
+                )
         else:
             sampler = self._resolve_sampler("adhoc", request.base_model, request.model_path)
         _check_sample_request(request)
@@ -388,26 +421,30 @@ class TinkerService:
             return ProtoResult(encode_sample_response(sequences, prompt_lps))
 
         request_id = self.futures.submit("sample", run())
-        return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(request.num_samples)]}
+        return {
+            "request_id": request_id,
+            "sample_sequence_ids": [f"{request_id}:{i}" for i in range(request.num_samples)],
+        }
 
     def _sample_spec(self, base_model: str, params: types.SamplingParams) -> SampleSpec:
-        stop = params.stop
-        stop_tokens: tuple[int, ...] = ()
+        # None: EOS ends a sample; []: nothing does (until max_tokens); strings or ids: those, and EOS too.
+        stop = [params.stop] if isinstance(params.stop, str) else params.stop
+        stop_tokens: tuple[int, ...] = (
+            () if stop is not None and len(stop) == 0 else self.engine.eos_token_ids(base_model)
+        )
         stop_strings: tuple[str, ...] = ()
-        if stop is None:
-            stop_tokens = self.engine.eos_token_ids(base_model)
-        elif isinstance(stop, str):
-            stop_strings = (stop,)
-        elif all(isinstance(s, int) for s in stop):
-            stop_tokens = tuple(int(s) for s in stop)
-        elif all(isinstance(s, str) for s in stop):
+        if stop and all(isinstance(s, int) for s in stop):
+            stop_tokens = (*stop_tokens, *(int(s) for s in stop))
+        elif stop and all(isinstance(s, str) for s in stop):
             stop_strings = tuple(str(s) for s in stop)
-        else:
+        elif stop:
             raise UserError(f"sampling_params.stop {stop!r} mixes strings and token ids; use one kind")
         if params.max_tokens is not None and params.max_tokens < 1:
             raise UserError(f"sampling_params.max_tokens={params.max_tokens} must be >= 1")
         if params.temperature < 0 or not 0 < params.top_p <= 1:
-            raise UserError(f"temperature={params.temperature} must be >= 0 and top_p={params.top_p} in (0, 1]")
+            raise UserError(
+                f"temperature={params.temperature} must be >= 0 and top_p={params.top_p} in (0, 1]"
+            )
         return SampleSpec(
             max_tokens=params.max_tokens or 0,
             temperature=params.temperature,

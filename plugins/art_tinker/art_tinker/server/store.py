@@ -71,7 +71,9 @@ class CheckpointRef:
 def check_model_id(model_id: str) -> str:
     """Refuse anything that is not ``{session_id}:train:{n}`` (it becomes a directory name)."""
     if not MODEL_ID_PATTERN.match(model_id):
-        raise NotFound(f"model_id {model_id[:100]!r} is unknown; model ids look like '<session_id>:train:<n>'")
+        raise NotFound(
+            f"model_id {model_id[:100]!r} is unknown; model ids look like '<session_id>:train:<n>'"
+        )
     return model_id
 
 
@@ -88,7 +90,9 @@ def check_name(name: str) -> str:
 def parse_tinker_path(path: str) -> CheckpointRef:
     """``tinker://{model_id}/{weights|sampler_weights}/{name}`` -> ``CheckpointRef`` (UserError otherwise)."""
     if not path.startswith("tinker://"):
-        raise UserError(f"path {path[:200]!r} is not a tinker:// path; expected tinker://<model_id>/weights/<name>")
+        raise UserError(
+            f"path {path[:200]!r} is not a tinker:// path; expected tinker://<model_id>/weights/<name>"
+        )
     parts = path[len("tinker://") :].split("/")
     if len(parts) != 3 or parts[1] not in KINDS:
         raise UserError(
@@ -155,7 +159,9 @@ class CheckpointStore:
         """The checkpoint's directory, or NotFound naming its tinker path."""
         directory = self.checkpoint_dir(ref)
         if not (directory / META_FILE).exists():
-            raise NotFound(f"checkpoint {ref.tinker_path} does not exist; list them with RestClient.list_checkpoints")
+            raise NotFound(
+                f"checkpoint {ref.tinker_path} does not exist; list them with RestClient.list_checkpoints"
+            )
         return directory
 
     def read_meta(self, ref: CheckpointRef) -> dict[str, Any]:
@@ -169,7 +175,9 @@ class CheckpointStore:
         """Yield an empty temporary directory to fill; on success it becomes the checkpoint, atomically."""
         final = self.checkpoint_dir(ref)
         if (final / META_FILE).exists() and not overwrite:
-            raise UserError(f"checkpoint {ref.tinker_path} already exists; pick another name or pass overwrite=True")
+            raise UserError(
+                f"checkpoint {ref.tinker_path} already exists; pick another name or pass overwrite=True"
+            )
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-{ref.name}-{uuid.uuid4().hex}"
         try:

@@ -45,12 +45,16 @@ class ForwardBackwardCall:
 def _tensor_to_numpy(name: str, tensor: pb.Tensor) -> npt.NDArray[np.float32] | npt.NDArray[np.int64]:
     dtype = _NUMPY_OF_DTYPE.get(tensor.dtype)
     if dtype is None:
-        raise UserError(f"loss_fn_inputs[{name!r}] has proto dtype {tensor.dtype}; send float32 or int64 tensors")
+        raise UserError(
+            f"loss_fn_inputs[{name!r}] has proto dtype {tensor.dtype}; send float32 or int64 tensors"
+        )
     shape = [int(s) for s in tensor.shape]
     if tensor.WhichOneof("encoding") == "sparse_csr":
         csr = tensor.sparse_csr
         if len(shape) != 2:
-            raise UserError(f"loss_fn_inputs[{name!r}] is sparse CSR with shape {shape}; CSR needs a 2-D shape")
+            raise UserError(
+                f"loss_fn_inputs[{name!r}] is sparse CSR with shape {shape}; CSR needs a 2-D shape"
+            )
         values = np.frombuffer(csr.values, dtype=dtype)
         crow = np.frombuffer(csr.crow_indices, dtype=np.int64)
         cols = np.frombuffer(csr.col_indices, dtype=np.int64)
@@ -76,7 +80,9 @@ def _datum_tokens(index: int, datum: pb.Datum) -> npt.NDArray[np.int64]:
     for chunk in datum.model_input:
         kind = chunk.WhichOneof("chunk")
         if kind != "encoded_text":
-            raise UserError(f"datum {index}: only encoded_text chunks are supported here (got {kind or 'empty'})")
+            raise UserError(
+                f"datum {index}: only encoded_text chunks are supported here (got {kind or 'empty'})"
+            )
         parts.append(np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32).astype(np.int64))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
