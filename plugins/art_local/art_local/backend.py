@@ -1,0 +1,438 @@
+"""``LocalBackend``: train with the functional trainer of ``art_local.training`` and serve through
+``art_local.inference`` on this machine (CPU fp32, or CUDA bf16 when present).
+
+``await model.register(backend)`` loads the base model, resumes from the last complete checkpoint under
+``{path}/{project}/models/{name}/checkpoints/`` and starts the OpenAI-compatible server; ``backend.train(model,
+groups, ...)`` takes one optimizer step per call, writes ``checkpoints/{step:04d}/`` and publishes the new
+weights to the server. ``backend.train()`` never logs: call ``model.log(...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TextIO
+
+from art_core.advantages import check_advantage_balance
+from art_core.backend import ImportanceSamplingLevel
+from art_core.model import Model, TrainableModel
+from art_core.results import LocalTrainResult
+from art_core.trajectories import TrajectoryGroup, check_groups
+
+if TYPE_CHECKING:
+    import torch
+
+    from art_local.inference.service import InferenceService
+    from art_local.training import TrainerConfig, TrainingComponents, TrainingState
+
+
+@dataclass
+class _Slot:
+    """Mutable per-model bookkeeping of one backend (the trainer components and the state they reached)."""
+
+    model: TrainableModel
+    components: TrainingComponents
+    tokenizer: Any
+    state: TrainingState
+    lock_file: TextIO
+    train_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    served: bool = False
+
+
+def _checkpoints_dir(model: Model) -> Path:
+    return model.output_dir() / "checkpoints"
+
+
+class LocalBackend:
+    """Trains and serves models on this machine.
+
+    Per-backend trainer settings live in ``trainer_config`` (``TrainerConfig``: ``lora_rank`` — None for a
+    full fine-tune —, ``lora_alpha``, ``lora_targets``, AdamW ``betas``/``eps``/``weight_decay``,
+    ``max_grad_norm``, ``dtype``, ``max_sequence_length``, ``micro_batch_rows``, ``seed``). Per-call options go
+    to ``train()``. ``allow_config_mismatch=True`` resumes from a checkpoint written with other settings.
+    ``engine``/``host``/``port``/``api_key`` configure the inference server.
+    """
+
+    def __init__(
+        self,
+        path: str = ".art",
+        device: str | torch.device | None = None,
+        *,
+        trainer_config: TrainerConfig | None = None,
+        allow_config_mismatch: bool = False,
+        engine: Literal["auto", "hf", "vllm"] = "auto",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+    ) -> None:
+        from art_local.training import TrainerConfig
+
+        self._path = str(path)
+        self._device = device
+        self._config = trainer_config if trainer_config is not None else TrainerConfig()
+        self._allow_config_mismatch = allow_config_mismatch
+        self._service_options: dict[str, Any] = {
+            "engine": engine,
+            "host": host,
+            "port": port,
+            "api_key": api_key,
+        }
+        self._service: InferenceService | None = None
+        self._slots: dict[str, _Slot] = {}
+        self._register_lock = asyncio.Lock()
+        os.makedirs(self._path, exist_ok=True)
+
+    @property
+    def trainer_config(self) -> TrainerConfig:
+        """The trainer settings every model of this backend uses."""
+        return self._config
+
+    async def __aenter__(self) -> LocalBackend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- the Backend protocol ---------------------------------------------------------------------------------
+
+    async def register(self, model: Model) -> None:
+        """Load ``model``'s base model and resume from its last complete checkpoint (idempotent)."""
+        owner = model._backend
+        if owner is not None and owner is not self:
+            raise ValueError(
+                f"model {model.name!r} is already registered with another {type(owner).__name__}; "
+                "create a new Model object to use this backend"
+            )
+        model.base_path = self._path
+        if not isinstance(model, TrainableModel):
+            return
+        async with self._register_lock:
+            existing = self._slots.get(model.name)
+            if existing is not None:
+                before = (existing.model.project, existing.model.base_model)
+                if before != (model.project, model.base_model):
+                    raise ValueError(
+                        f"a model named {model.name!r} (project {before[0]!r}, base_model {before[1]!r}) is already "
+                        f"registered with this backend; use another name for project {model.project!r}, "
+                        f"base_model {model.base_model!r}"
+                    )
+                existing.model = model
+                return
+            self._slots[model.name] = await asyncio.to_thread(self._load, model)
+
+    async def close(self) -> None:
+        """Stop the inference server and release every model (idempotent)."""
+        service, self._service = self._service, None
+        if service is not None:
+            await service.close()
+        slots, self._slots = self._slots, {}
+        for slot in slots.values():
+            slot.lock_file.close()  # releases the flock
+
+    async def _get_step(self, model: TrainableModel) -> int:
+        slot = self._slots.get(model.name)
+        if slot is not None:
+            return slot.state.step
+        from art_local.training import checkpoint_steps
+
+        steps = checkpoint_steps(_checkpoints_dir(model))
+        return steps[-1] if steps else 0
+
+    async def _delete_checkpoint_files(self, model: TrainableModel, steps_to_keep: list[int]) -> None:
+        from art_local.training import checkpoint_steps
+
+        directory = _checkpoints_dir(model)
+        keep = set(steps_to_keep)
+        for step in checkpoint_steps(directory):
+            if step not in keep:
+                doomed = directory / f".old-{step:04d}-{os.getpid()}"
+                os.rename(directory / f"{step:04d}", doomed)  # gone from get_step's view at once
+                await asyncio.to_thread(shutil.rmtree, doomed, True)
+        slot = self._slots.get(model.name)
+        if slot is not None and slot.served and self._service is not None:
+            await self._service.forget_steps(model.name, keep)
+
+    def _model_inference_name(self, model: Model, step: int | None = None) -> str:
+        return model.name if step is None else f"{model.name}@{step}"
+
+    async def _prepare_backend_for_training(self, model: TrainableModel) -> tuple[str, str]:
+        """Register if needed, start the inference server and serve ``model``; returns (base_url, api_key)."""
+        if model.name not in self._slots:
+            await self.register(model)
+        slot = self._slots[model.name]
+        service = await self._started_service()
+        if not slot.served:
+            from art_local.training import merged_state_dict
+
+            weights = (
+                await asyncio.to_thread(merged_state_dict, slot.components) if slot.state.step > 0 else None
+            )
+            await service.add_model(
+                model.name,
+                base_model=slot.components.base_model,
+                step=slot.state.step,
+                weights=weights,
+                load_step=functools.partial(self._step_weights, model),
+            )
+            slot.served = True
+        return service.base_url, service.api_key
+
+    # -- training ---------------------------------------------------------------------------------------------
+
+    async def train(
+        self,
+        model: TrainableModel,
+        trajectory_groups: Iterable[TrajectoryGroup],
+        /,
+        *,
+        learning_rate: float = 5e-6,
+        ppo: bool = False,
+        epsilon: float | None = None,
+        epsilon_high: float | None = None,
+        advantage_balance: float = 0.0,
+        scale_rewards: bool = True,
+        importance_sampling_level: ImportanceSamplingLevel = "token",
+        max_negative_advantage_importance_sampling_weight: float | None = None,
+        mask_prob_ratio: bool = False,
+        kimi_k2_tau: float | None = None,
+        precalculate_logprobs: bool = False,
+        allow_training_without_logprobs: bool = False,
+        plot_tensors: bool = False,
+        truncated_importance_sampling: float | None = None,
+        scale_learning_rate_by_reward_std_dev: bool = False,
+        logprob_calculation_chunk_size: int = 1024,
+        kl_penalty_coef: float = 0.0,
+        save_checkpoint: bool = True,
+        verbose: bool = False,
+    ) -> LocalTrainResult:
+        """One optimizer step on ``trajectory_groups`` (RL_MATH.md); returns the new step and its metrics.
+
+        A batch without a trainable group still advances the step (0 gradient steps). ``save_checkpoint=False``
+        writes nothing under ``checkpoints/``. ``plot_tensors=True`` writes ``tensors/{step:04d}.png``.
+        """
+        from art_local.training import LossConfig
+
+        slot = self._slot(model)
+        loss = LossConfig(
+            ppo=ppo,
+            epsilon=epsilon,
+            epsilon_high=epsilon_high,
+            importance_sampling_level=importance_sampling_level,
+            max_negative_advantage_importance_sampling_weight=max_negative_advantage_importance_sampling_weight,
+            mask_prob_ratio=mask_prob_ratio,
+            kimi_k2_tau=kimi_k2_tau,
+            kl_penalty_coef=kl_penalty_coef,
+            truncated_importance_sampling=truncated_importance_sampling,
+        )
+        config = dataclasses.replace(
+            self._config,
+            learning_rate=learning_rate,
+            loss=loss,
+            logprob_calculation_chunk_size=logprob_calculation_chunk_size,
+        )
+        check_advantage_balance(advantage_balance)
+        groups = check_groups(trajectory_groups)
+        call = _Call(
+            scale_rewards=scale_rewards,
+            advantage_balance=advantage_balance,
+            allow_training_without_logprobs=allow_training_without_logprobs,
+            precalculate_logprobs=precalculate_logprobs,
+            scale_learning_rate_by_reward_std_dev=scale_learning_rate_by_reward_std_dev,
+            plot_tensors=plot_tensors,
+            save_checkpoint=save_checkpoint,
+            verbose=verbose,
+        )
+        async with slot.train_lock:
+            result, weights, adapter_dir = await asyncio.to_thread(_train_step, slot, groups, config, call)
+            if weights is not None and self._service is not None:
+                await self._service.publish(model.name, result.step, weights, adapter_dir=adapter_dir)
+        return result
+
+    # -- internals --------------------------------------------------------------------------------------------
+
+    def _slot(self, model: TrainableModel) -> _Slot:
+        slot = self._slots.get(model.name)
+        if slot is None:
+            raise ValueError(
+                f"model {model.name!r} is not registered; call `await model.register(backend)` first"
+            )
+        return slot
+
+    async def _started_service(self) -> InferenceService:
+        if self._service is None:
+            from art_local.inference.service import InferenceService
+
+            self._service = InferenceService(device=self._device, **self._service_options)
+        await self._service.start()
+        return self._service
+
+    def _step_weights(self, model: TrainableModel, step: int) -> Mapping[str, torch.Tensor] | None:
+        from art_local.training import merged_state_dict_from_checkpoint
+
+        directory = _checkpoints_dir(model) / f"{step:04d}"
+        if not (directory / "metadata.json").is_file():
+            return None
+        return merged_state_dict_from_checkpoint(self._slot(model).components.base_model, directory)
+
+    def _load(self, model: TrainableModel) -> _Slot:
+        from transformers import AutoTokenizer
+
+        from art_local.training import TrainingState, build_components, checkpoint_steps, load_checkpoint
+        from art_local.training.checkpoint import remove_stale_temporaries
+        from art_local.training.state import check_base_model
+
+        base_model = check_base_model(model.base_model)
+        directory = model.output_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        lock_file = _lock_model_dir(directory)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base_model)
+            components = build_components(base_model, self._config, device=self._device)
+            checkpoints = _checkpoints_dir(model)
+            remove_stale_temporaries(checkpoints)
+            steps = checkpoint_steps(checkpoints)
+            state = TrainingState()
+            if steps:
+                state = load_checkpoint(
+                    components,
+                    checkpoints / f"{steps[-1]:04d}",
+                    self._config,
+                    allow_config_mismatch=self._allow_config_mismatch,
+                )
+        except BaseException:
+            lock_file.close()
+            raise
+        return _Slot(
+            model=model, components=components, tokenizer=tokenizer, state=state, lock_file=lock_file
+        )
+
+
+def _lock_model_dir(directory: Path) -> TextIO:
+    """An exclusive flock on the model directory: two trainers never write the same checkpoints."""
+    handle = open(directory / ".trainer.lock", "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RuntimeError(
+            f"{directory} is already being trained by another LocalBackend (this or another process); "
+            "close that backend first, or use another model name or path"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+@dataclass(frozen=True)
+class _Call:
+    """The train() options that are not loss or trainer settings."""
+
+    scale_rewards: bool
+    advantage_balance: float
+    allow_training_without_logprobs: bool
+    precalculate_logprobs: bool
+    scale_learning_rate_by_reward_std_dev: bool
+    plot_tensors: bool
+    save_checkpoint: bool
+    verbose: bool
+
+
+def _train_step(
+    slot: _Slot, groups: list[TrajectoryGroup], config: TrainerConfig, call: _Call
+) -> tuple[LocalTrainResult, dict[str, torch.Tensor] | None, Path | None]:
+    """Prepare → forward/backward → optimizer step → checkpoint; runs in a worker thread."""
+    from tqdm.auto import tqdm
+
+    from art_local.training import (
+        forward_backward,
+        merged_state_dict,
+        optim_step,
+        precalculate_old_logprobs,
+        prepare_batch,
+        save_checkpoint,
+    )
+
+    started = time.perf_counter()
+    components, model = slot.components, slot.model
+    prepared = prepare_batch(
+        groups,
+        slot.tokenizer,
+        scale_rewards=call.scale_rewards,
+        advantage_balance=call.advantage_balance,
+        allow_training_without_logprobs=call.allow_training_without_logprobs,
+        max_sequence_length=config.max_sequence_length,
+    )
+    scale = prepared.reward_std_dev if call.scale_learning_rate_by_reward_std_dev else 1.0
+    config = dataclasses.replace(config, learning_rate=config.learning_rate * scale)
+    step = slot.state.step + 1
+    metrics = prepared.metrics()
+    batch = prepared.batch
+    bar = tqdm(
+        total=1 if batch is not None else 0,
+        desc=f"train {model.name} → step {step}",
+        unit="step",
+        leave=False,
+    )
+    try:
+        if batch is None:
+            state = dataclasses.replace(slot.state, step=step)
+        else:
+            if call.precalculate_logprobs:
+                batch = precalculate_old_logprobs(components, batch, config)
+            if call.plot_tensors:
+                _plot(components, batch, config, model.output_dir() / "tensors" / f"{step:04d}.png")
+            metrics |= forward_backward(components, batch, config)
+            state = optim_step(components, slot.state, config, tokens=batch.num_trained_tokens)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss/train']:.4g}", grad_norm=f"{state.grad_norm:.3g}")
+    finally:
+        components.optimizer.zero_grad(set_to_none=True)
+        bar.close()
+    metrics["loss/grad_norm"] = state.grad_norm if batch is not None else 0.0
+    metrics["loss/learning_rate"] = config.learning_rate
+    metrics["data/step_num_gradient_steps"] = 1.0 if batch is not None else 0.0
+    checkpoint_path: Path | None = None
+    if call.save_checkpoint:
+        checkpoint_path = _checkpoints_dir(model) / f"{state.step:04d}"
+        save_checkpoint(components, state, config, checkpoint_path)
+    slot.state = state
+    metrics["time/step_trainer_s"] = time.perf_counter() - started
+    if call.verbose:
+        summary = ", ".join(f"{key}={value:.4g}" for key, value in sorted(metrics.items()))
+        print(f"[art_local] {model.name} step {state.step}: {summary}", file=sys.stderr)
+    weights = merged_state_dict(components) if slot.served else None
+    adapter_dir = checkpoint_path if checkpoint_path is not None and components.is_lora else None
+    result = LocalTrainResult(
+        step=state.step,
+        metrics=metrics,
+        checkpoint_path=None if checkpoint_path is None else str(checkpoint_path),
+    )
+    return result, weights, adapter_dir
+
+
+def _plot(components: TrainingComponents, batch: Any, config: TrainerConfig, path: Path) -> None:
+    from art_local.training import compute_logprobs
+    from art_local.training.plots import plot_batch
+
+    with contextlib.suppress(ImportError):  # matplotlib is optional (extra "plot"): warn instead of failing
+        plot_batch(
+            batch, compute_logprobs(components, batch, chunk_size=config.logprob_calculation_chunk_size), path
+        )
+        return
+    import warnings
+
+    warnings.warn(
+        "plot_tensors=True needs matplotlib (pip install matplotlib); no plot written", stacklevel=3
+    )

@@ -1,0 +1,285 @@
+"""Atomic checkpoints (weights + optimizer + metadata), resume with a config fingerprint check, merged weights.
+
+A checkpoint directory holds ``adapter_model.safetensors`` + ``adapter_config.json`` (peft format, LoRA) or
+``model.safetensors`` (full fine-tune), ``optimizer.pt`` and, written last, ``metadata.json``. It is written into
+a temporary sibling, fsynced and renamed, so a crash never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from art_local.training.logprobs import causal_lm
+from art_local.training.state import TrainerConfig, TrainingComponents, TrainingState
+
+CHECKPOINT_FORMAT = 1
+ADAPTER_FILE, ADAPTER_CONFIG_FILE, FULL_FILE = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "model.safetensors",
+)
+OPTIMIZER_FILE, METADATA_FILE = "optimizer.pt", "metadata.json"
+# Test hook: when set to a file path, the writer records the temp dir there and waits (to be SIGKILLed).
+CRASH_TEST_PAUSE_ENV = "ART_LOCAL_CRASH_TEST_PAUSE_FILE"
+_STEP_DIR = re.compile(r"^\d{4,}$")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written with another trainer configuration."""
+
+
+def get_weights(components: TrainingComponents) -> dict[str, torch.Tensor]:
+    """Copies of the trainable weights (peft adapter keys for LoRA, the model's state dict for full)."""
+    if components.is_lora:
+        from peft import get_peft_model_state_dict
+
+        weights = get_peft_model_state_dict(components.model)
+    else:
+        weights = components.model.state_dict()
+    return {key: value.detach().clone() for key, value in weights.items()}
+
+
+def load_weights(components: TrainingComponents, weights: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``weights`` (as from ``get_weights``) into the model in place (the optimizer keeps its parameters)."""
+    expected = set(get_weights(components))
+    if set(weights) != expected:
+        missing, unexpected = sorted(expected - set(weights))[:3], sorted(set(weights) - expected)[:3]
+        raise ValueError(f"weights do not match the model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        if components.is_lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(components.model, dict(weights))
+        else:
+            components.model.load_state_dict(dict(weights), strict=True)
+
+
+def merged_state_dict(components: TrainingComponents) -> dict[str, torch.Tensor]:
+    """Fresh full weights with any LoRA merged, keyed as the base HF model's ``state_dict()``, in compute dtype."""
+    dtype = components.compute_dtype
+    model = causal_lm(components.model)
+    with torch.no_grad():
+        if not components.is_lora:
+            return {key: value.detach().to(dtype, copy=True) for key, value in model.state_dict().items()}
+        from peft.tuners.lora import LoraLayer
+
+        merged = {
+            key.replace(".base_layer.", "."): value.detach().to(dtype, copy=True)
+            for key, value in model.state_dict().items()
+            if ".lora_" not in key
+        }
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                base = module.get_base_layer().weight
+                delta = cast(Any, module).get_delta_weight("default")
+                merged[f"{name}.weight"] = (base.float() + delta.float()).to(dtype)
+        return merged
+
+
+def merged_state_dict_from_checkpoint(
+    base_model: str | Path, checkpoint_dir: Path
+) -> dict[str, torch.Tensor]:
+    """Full fp32 CPU weights of a saved step (base model + its adapter, or its full weights)."""
+    from safetensors.torch import load_file, load_model
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(checkpoint_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    if (directory / FULL_FILE).is_file():
+        load_model(model, str(directory / FULL_FILE), strict=True)
+        return {key: value.detach().clone() for key, value in model.state_dict().items()}
+    if not (directory / ADAPTER_FILE).is_file():
+        raise FileNotFoundError(f"{directory} holds neither {ADAPTER_FILE} nor {FULL_FILE}")
+    adapter = json.loads((directory / ADAPTER_CONFIG_FILE).read_text())
+    rank = adapter["r"]
+    scale = adapter["lora_alpha"] / (rank**0.5 if adapter.get("use_rslora") else rank)
+    weights = load_file(str(directory / ADAPTER_FILE))
+    merged = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    for key, lora_a in weights.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        lora_b = weights[key.replace(".lora_A.", ".lora_B.")]
+        merged[f"{module}.weight"] += (lora_b.float() @ lora_a.float()) * scale
+    return merged
+
+
+def _fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _pause_for_crash_test(staging: Path) -> None:
+    marker = os.environ.get(CRASH_TEST_PAUSE_ENV)
+    if not marker:
+        return
+    Path(marker).write_text(str(staging))
+    time.sleep(600)  # the test SIGKILLs this process here
+    raise TimeoutError(f"{CRASH_TEST_PAUSE_ENV} is set but nobody killed the process within 600 s")
+
+
+def write_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(staging)`` in a temp sibling of ``directory``, fsync everything, then rename into place."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    try:
+        write(staging)
+        for path in staging.iterdir():
+            _fsync_path(path)
+        _fsync_path(staging)
+        replaced = None
+        if directory.exists():
+            replaced = directory.parent / f".old-{directory.name}-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(directory, replaced)
+        os.rename(staging, directory)
+        _fsync_path(directory.parent)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _metadata(components: TrainingComponents, state: TrainingState, config: TrainerConfig) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": state.step,
+        "weight_version": state.weight_version,
+        "tokens_seen": state.tokens_seen,
+        "grad_norm": state.grad_norm,
+        "kind": "lora" if components.is_lora else "full",
+        "base_model": components.base_model,
+        "fingerprint": config.fingerprint(),
+        "fingerprint_fields": config.fingerprint_fields(),
+        "config": config.to_json(),
+    }
+
+
+def save_checkpoint(
+    components: TrainingComponents, state: TrainingState, config: TrainerConfig, directory: Path
+) -> TrainingState:
+    """Write weights, optimizer state and metadata atomically to ``directory``; returns ``state``."""
+    from safetensors.torch import save_file, save_model
+
+    def write(staging: Path) -> None:
+        if components.is_lora:
+            from peft import get_peft_model_state_dict
+
+            adapter = {
+                key: value.contiguous() for key, value in get_peft_model_state_dict(components.model).items()
+            }
+            save_file(adapter, str(staging / ADAPTER_FILE), metadata={"format": "pt"})
+            peft_config = cast(Any, components.model).peft_config["default"]
+            adapter_config = peft_config.to_dict()
+            adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+            (staging / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+        else:
+            save_model(components.model, str(staging / FULL_FILE), metadata={"format": "pt"})
+        torch.save(components.optimizer.state_dict(), staging / OPTIMIZER_FILE)
+        _pause_for_crash_test(staging)
+        (staging / METADATA_FILE).write_text(json.dumps(_metadata(components, state, config), indent=2))
+
+    write_atomically(Path(directory), write)
+    components.checkpoint_dir = Path(directory)
+    return state
+
+
+def read_metadata(directory: Path) -> dict[str, Any]:
+    """The ``metadata.json`` of a complete checkpoint."""
+    return json.loads((Path(directory) / METADATA_FILE).read_text())  # type: ignore[no-any-return]
+
+
+def checkpoint_steps(checkpoints_dir: Path) -> list[int]:
+    """Steps with a complete checkpoint under ``checkpoints_dir`` (temp and half-written dirs ignored), sorted."""
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(
+        int(path.name)
+        for path in checkpoints_dir.iterdir()
+        if _STEP_DIR.match(path.name) and (path / METADATA_FILE).is_file()
+    )
+
+
+def remove_stale_temporaries(checkpoints_dir: Path) -> list[Path]:
+    """Delete ``.tmp-*``/``.old-*`` leftovers of interrupted writes; returns what was removed."""
+    if not checkpoints_dir.is_dir():
+        return []
+    stale = [path for path in checkpoints_dir.iterdir() if path.name.startswith((".tmp-", ".old-"))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def check_compatible(
+    metadata: Mapping[str, Any],
+    components: TrainingComponents,
+    config: TrainerConfig,
+    directory: Path,
+    *,
+    allow: bool,
+) -> None:
+    """Raise unless the checkpoint fits these components and (unless ``allow``) this config's fingerprint."""
+    kind = "lora" if components.is_lora else "full"
+    if metadata.get("kind") != kind:
+        raise CheckpointMismatchError(
+            f"checkpoint {directory} holds {metadata.get('kind')} weights but this trainer is {kind}; "
+            "use the same lora_rank setting (None = full fine-tune) or another model name"
+        )
+    if metadata.get("fingerprint") != config.fingerprint() and not allow:
+        raise CheckpointMismatchError(
+            f"checkpoint {directory} was written with trainer config {metadata.get('fingerprint_fields')} "
+            f"(fingerprint {metadata.get('fingerprint')}) but this run uses {config.fingerprint_fields()} "
+            f"(fingerprint {config.fingerprint()}); pass allow_config_mismatch=True to resume anyway, "
+            "or use another model name"
+        )
+
+
+def load_checkpoint(
+    components: TrainingComponents,
+    directory: Path,
+    config: TrainerConfig,
+    *,
+    allow_config_mismatch: bool = False,
+) -> TrainingState:
+    """Load weights and optimizer state from ``directory``; returns the state it was saved with."""
+    from safetensors.torch import load_file, load_model
+
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    check_compatible(metadata, components, config, directory, allow=allow_config_mismatch)
+    try:
+        if components.is_lora:
+            load_weights(components, load_file(str(directory / ADAPTER_FILE), device=str(components.device)))
+        else:
+            load_model(
+                components.model, str(directory / FULL_FILE), strict=True, device=str(components.device)
+            )
+        optimizer_state = torch.load(
+            directory / OPTIMIZER_FILE, map_location=components.device, weights_only=True
+        )
+        components.optimizer.load_state_dict(optimizer_state)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointMismatchError(f"checkpoint {directory} does not fit this model: {error}") from error
+    for group in components.optimizer.param_groups:  # this run's optimizer settings win over the saved ones
+        group.update(betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    components.checkpoint_dir = directory
+    return TrainingState(
+        step=int(metadata["step"]),
+        weight_version=int(metadata["weight_version"]),
+        tokens_seen=int(metadata["tokens_seen"]),
+        grad_norm=float(metadata.get("grad_norm", 0.0)),
+    )

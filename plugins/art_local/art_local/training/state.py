@@ -1,0 +1,221 @@
+"""Trainer configuration, the explicit training state, and the one mutable bundle (model + optimizer)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeAlias
+
+import torch
+
+from art_local.training.loss import LossConfig
+
+DTypeName: TypeAlias = Literal["auto", "float32", "bfloat16", "float16"]
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Fields that change what a checkpoint means; the rest (learning rate, loss options, chunking, device, dtype)
+# may differ from call to call or between machines without invalidating a resume.
+_FINGERPRINT_FIELDS = (
+    "betas",
+    "eps",
+    "weight_decay",
+    "max_grad_norm",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Trainer hyper-parameters. ``lora_rank=None`` means full fine-tuning.
+
+    ``learning_rate`` and ``loss`` are per optimizer step (``LocalBackend.train`` sets them per call);
+    ``fingerprint()`` covers only what makes a checkpoint incompatible with another run.
+    """
+
+    learning_rate: float = 5e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    lora_rank: int | None = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    dtype: DTypeName = "auto"
+    logprob_calculation_chunk_size: int = 1024
+    max_sequence_length: int = 2048
+    micro_batch_rows: int | None = None
+    seed: int = 0
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        if self.lora_rank is not None and self.lora_rank <= 0:
+            raise ValueError(
+                f"lora_rank={self.lora_rank} must be a positive int, or None for full fine-tuning"
+            )
+        if self.logprob_calculation_chunk_size <= 0:
+            raise ValueError(
+                f"logprob_calculation_chunk_size={self.logprob_calculation_chunk_size} must be > 0"
+            )
+        if self.max_sequence_length < 2:
+            raise ValueError(f"max_sequence_length={self.max_sequence_length} must be at least 2")
+        if self.micro_batch_rows is not None and self.micro_batch_rows <= 0:
+            raise ValueError(
+                f"micro_batch_rows={self.micro_batch_rows} must be positive or None (all rows at once)"
+            )
+        if not self.learning_rate >= 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be a non-negative number")
+
+    @property
+    def full_fine_tune(self) -> bool:
+        """True when every weight is trained (no LoRA adapter)."""
+        return self.lora_rank is None
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The canonical values the fingerprint hashes."""
+        values = {name: getattr(self, name) for name in _FINGERPRINT_FIELDS}
+        values["betas"], values["lora_targets"] = list(self.betas), sorted(self.lora_targets)
+        if self.lora_rank is None:
+            values.update(lora_alpha=None, lora_targets=None)
+        return values
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of ``fingerprint_fields()`` (stable across processes)."""
+        canonical = json.dumps(self.fingerprint_fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field as JSON-ready values (stored in checkpoint metadata)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Where training stands: returned by every step function, never mutated.
+
+    ``grad_norm`` is the global gradient norm (before clipping) of the last optimizer step.
+    """
+
+    step: int = 0
+    weight_version: int = 0
+    tokens_seen: int = 0
+    grad_norm: float = 0.0
+
+
+@dataclass
+class TrainingComponents:
+    """The only mutable bundle: model (peft-wrapped for LoRA), optimizer and what they live on."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    checkpoint_dir: Path | None
+    base_model: str
+    compute_dtype: torch.dtype
+    is_lora: bool
+    reference_model: torch.nn.Module | None = None  # frozen base copy for KL in full fine-tuning (lazy)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` → CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(name: DTypeName, device: torch.device) -> torch.dtype:
+    """``auto`` → bf16 on CUDA, fp32 elsewhere (bf16 on CPUs without native support is many times slower)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_base_model(base_model: str | Path) -> str:
+    """Fail early and clearly when ``base_model`` is neither a model directory nor a reachable hub id."""
+    text = str(base_model)
+    path = Path(text).expanduser()
+    looks_like_path = (
+        path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or path.exists()
+    )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"base_model directory {text!r} has no config.json; point it at a saved HF model"
+            )
+        return str(path)
+    if looks_like_path:
+        raise FileNotFoundError(
+            f"base_model {text!r} is not an existing directory; build one with art_local.tiny.build_tiny_model() "
+            "or pass a Hugging Face hub id such as 'Qwen/Qwen2.5-0.5B-Instruct'"
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(text, "config.json")
+    except Exception as error:
+        raise ValueError(
+            f"base_model {text!r} is not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(error).__name__}: {str(error)[:200]}); check the id, HF_TOKEN, or the network"
+        ) from error
+    return text
+
+
+def build_components(
+    base_model: str | Path,
+    config: TrainerConfig,
+    *,
+    device: str | torch.device | None = None,
+    lora_targets: Sequence[str] | None = None,
+) -> TrainingComponents:
+    """Load the base model on ``device``, wrap it in LoRA unless full fine-tuning, and make its AdamW."""
+    from transformers import AutoModelForCausalLM
+
+    name = check_base_model(base_model)
+    target_device = resolve_device(device)
+    compute_dtype = resolve_dtype(config.dtype, target_device)
+    # Trainable weights stay fp32 (master weights); lower precision only through autocast in the forward.
+    load_dtype = compute_dtype if config.lora_rank is not None else torch.float32
+    model: Any = AutoModelForCausalLM.from_pretrained(name, dtype=load_dtype, attn_implementation="sdpa")
+    model.to(target_device)
+    model.config.use_cache = False
+    torch.manual_seed(config.seed)
+    if config.lora_rank is not None:
+        from peft import LoraConfig, get_peft_model
+
+        targets = list(lora_targets if lora_targets is not None else config.lora_targets)
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            target_modules=targets,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    model.train()
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=config.learning_rate,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+    )
+    return TrainingComponents(
+        model=model,
+        optimizer=optimizer,
+        device=target_device,
+        checkpoint_dir=None,
+        base_model=name,
+        compute_dtype=compute_dtype,
+        is_lora=config.lora_rank is not None,
+    )

@@ -1,0 +1,173 @@
+"""Training steps as free functions: state in, state out; the components are the only thing that changes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from art_local.training.batch import TrainBatch
+from art_local.training.logprobs import logprobs_and_entropy, predicted_positions_BT
+from art_local.training.loss import LossConfig, policy_loss
+from art_local.training.state import TrainerConfig, TrainingComponents, TrainingState
+
+CustomLossFn = Callable[[torch.Tensor, TrainBatch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def trainable_parameters(components: TrainingComponents) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer updates (LoRA adapters, or every weight)."""
+    return [parameter for parameter in components.model.parameters() if parameter.requires_grad]
+
+
+def reference_model(components: TrainingComponents) -> torch.nn.Module:
+    """A frozen copy of the base model for the KL penalty of full fine-tuning (loaded once, on first use)."""
+    if components.reference_model is None:
+        from transformers import AutoModelForCausalLM
+
+        frozen: Any = AutoModelForCausalLM.from_pretrained(
+            components.base_model, dtype=components.compute_dtype, attn_implementation="sdpa"
+        )
+        frozen.to(components.device).eval().requires_grad_(False)
+        components.reference_model = frozen
+    return components.reference_model
+
+
+def reference_logprobs(components: TrainingComponents, batch: TrainBatch, *, chunk_size: int) -> torch.Tensor:
+    """Logprobs of the trained tokens under the base model (LoRA: adapter disabled), without grad."""
+    with torch.no_grad():
+        if components.is_lora:
+            with components.model.disable_adapter():  # type: ignore[operator]
+                logprobs_BT, _ = logprobs_and_entropy(
+                    components.model, batch, chunk_size=chunk_size, dtype=components.compute_dtype
+                )
+            return logprobs_BT
+        frozen = reference_model(components)
+        logprobs_BT, _ = logprobs_and_entropy(
+            frozen, batch, chunk_size=chunk_size, dtype=components.compute_dtype
+        )
+        return logprobs_BT
+
+
+def compute_logprobs(
+    components: TrainingComponents, batch: TrainBatch, *, chunk_size: int = 1024, all_positions: bool = False
+) -> torch.Tensor:
+    """[rows, T] logprobs under the current weights, without grad; NaN where not computed.
+
+    Computed at trained positions, or at every token predicted inside its segment with ``all_positions``.
+    """
+    batch = batch.to(components.device)
+    with torch.no_grad():
+        logprobs_BT, _ = logprobs_and_entropy(
+            components.model,
+            batch,
+            chunk_size=chunk_size,
+            dtype=components.compute_dtype,
+            all_positions=all_positions,
+        )
+    selected_BT = predicted_positions_BT(batch, all_positions=all_positions)
+    return torch.where(selected_BT, logprobs_BT, torch.full_like(logprobs_BT, math.nan))
+
+
+def precalculate_old_logprobs(
+    components: TrainingComponents, batch: TrainBatch, config: TrainerConfig
+) -> TrainBatch:
+    """``old`` := the current policy's logprobs; the sampler's values move to ``original_logprobs_BT``."""
+    current_BT = compute_logprobs(components, batch, chunk_size=config.logprob_calculation_chunk_size).cpu()
+    return replace(batch, old_logprobs_BT=current_BT, original_logprobs_BT=batch.old_logprobs_BT)
+
+
+def _micro_batches(batch: TrainBatch, rows: int | None) -> list[TrainBatch]:
+    total = batch.tokens_BT.shape[0]
+    size = total if rows is None else rows
+    return [batch.rows(start, start + size) for start in range(0, total, size)]
+
+
+def forward_backward(
+    components: TrainingComponents, batch: TrainBatch, config: TrainerConfig
+) -> dict[str, float]:
+    """The RL loss of RL_MATH §3 on ``batch``; gradients accumulate into the trainable weights.
+
+    Returns ``loss/train``, ``loss/entropy`` (mean over trained tokens) and, with a KL penalty,
+    ``loss/kl_policy_ref``. Micro-batches (``config.micro_batch_rows``) share one denominator.
+    """
+    loss_config: LossConfig = config.loss
+    chunk = config.logprob_calculation_chunk_size
+    total_tokens = batch.num_trained_tokens
+    totals = {"loss/train": 0.0, "loss/entropy": 0.0, "loss/kl_policy_ref": 0.0}
+    for micro in _micro_batches(batch.to(components.device), config.micro_batch_rows):
+        tokens = micro.num_trained_tokens
+        if tokens == 0:
+            continue
+        reference_BT = (
+            reference_logprobs(components, micro, chunk_size=chunk)
+            if loss_config.kl_penalty_coef > 0
+            else None
+        )
+        logprobs_BT, entropy_BT = logprobs_and_entropy(
+            components.model, micro, chunk_size=chunk, dtype=components.compute_dtype
+        )
+        result = policy_loss(
+            logprobs_BT,
+            old_logprobs_BT=micro.old_logprobs_BT,
+            advantages_BT=micro.advantages_BT,
+            weights_BT=micro.weights_BT,
+            loss_mask_BT=micro.loss_mask_BT,
+            sequence_index_BT=micro.sequence_index_BT,
+            config=loss_config,
+            ref_logprobs_BT=reference_BT,
+            original_logprobs_BT=micro.original_logprobs_BT,
+            num_trained_tokens=total_tokens,
+        )
+        result.loss.backward()
+        totals["loss/train"] += float(result.metrics["loss/train"])
+        totals["loss/entropy"] += float(entropy_BT[micro.loss_mask_BT].sum()) / total_tokens
+        if "loss/kl_policy_ref" in result.metrics:
+            totals["loss/kl_policy_ref"] += (
+                float(result.metrics["loss/kl_policy_ref"]) * tokens / total_tokens
+            )
+    if loss_config.kl_penalty_coef == 0:
+        del totals["loss/kl_policy_ref"]
+    return totals
+
+
+def forward_backward_custom(
+    components: TrainingComponents, batch: TrainBatch, loss_fn: CustomLossFn, *, chunk_size: int = 1024
+) -> dict[str, float]:
+    """Backpropagate ``loss_fn(new logprobs_BT with grad, batch)``; returns its metrics plus ``loss/train``."""
+    batch = batch.to(components.device)
+    logprobs_BT, _ = logprobs_and_entropy(
+        components.model, batch, chunk_size=chunk_size, dtype=components.compute_dtype
+    )
+    loss, metrics = loss_fn(logprobs_BT, batch)
+    if loss.dim() != 0:
+        raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
+    loss.backward()
+    return {**metrics, "loss/train": float(loss.detach())}
+
+
+def optim_step(
+    components: TrainingComponents, state: TrainingState, config: TrainerConfig, *, tokens: int = 0
+) -> TrainingState:
+    """Clip gradients to ``config.max_grad_norm``, take one AdamW step at ``config.learning_rate``, zero grads."""
+    parameters = trainable_parameters(components)
+    max_norm = math.inf if config.max_grad_norm is None else config.max_grad_norm
+    grads = [parameter for parameter in parameters if parameter.grad is not None]
+    norm = float(torch.nn.utils.clip_grad_norm_(grads, max_norm)) if grads else 0.0
+    if not math.isfinite(norm):
+        components.optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(
+            f"gradient norm is {norm}; the step was skipped (check rewards and learning rate)"
+        )
+    for group in components.optimizer.param_groups:
+        group["lr"] = config.learning_rate
+    components.optimizer.step()
+    components.optimizer.zero_grad(set_to_none=True)
+    return TrainingState(
+        step=state.step + 1,
+        weight_version=state.weight_version + 1,
+        tokens_seen=state.tokens_seen + tokens,
+        grad_norm=norm,
+    )
