@@ -39,7 +39,11 @@ class TrainingStalledError(TimeoutError):
     def __init__(self, job_id: str, timeout: float, last_error: BaseException | None) -> None:
         self.job_id = job_id
         self.timeout = timeout
-        cause = f"; last polling error: {last_error}" if last_error is not None else ""
+        cause = (
+            f"; last polling error: {type(last_error).__name__}: {last_error}"
+            if last_error is not None
+            else ""
+        )
         super().__init__(
             f"training job {job_id} made no progress for {timeout:g} s (no_progress_timeout){cause}; the job may "
             "still finish on the server: check its events, or raise no_progress_timeout for slow jobs"
@@ -342,12 +346,13 @@ class ServerlessBackend:
                     events = await asyncio.wait_for(
                         self._job_events(job_id, after), timeout=max(remaining, 0.05)
                     )
+                    last_error = None
                 except ServerlessAPIError as error:
                     if not error.transient:
                         raise
                     events, last_error = [], error
-                except TimeoutError as error:
-                    events, last_error = [], error
+                except TimeoutError as error:  # the deadline cut a poll short: keep the more telling error
+                    events, last_error = [], last_error or error
                 for event in events:
                     last_progress, after = time.monotonic(), event.id
                     if verbose:

@@ -103,7 +103,13 @@ class RouteLog:
                 return
         status: list[int] = []
 
+        delivered = False
+
         async def replay() -> Message:
+            nonlocal delivered
+            if delivered:
+                return await receive()  # e.g. a streaming response waiting for the disconnect
+            delivered = True
             return {"type": "http.request", "body": raw, "more_body": False}
 
         async def capture(message: Message) -> None:
