@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -89,14 +90,18 @@ class LossChoice:
 
 
 class Progress:
-    """Prints one line per phase when ``verbose`` (time since the step started)."""
+    """Prints one line per phase to stderr when ``verbose`` (time since the step started)."""
 
     def __init__(self, verbose: bool, name: str) -> None:
         self.verbose, self.name, self.started = verbose, name, time.monotonic()
 
     def __call__(self, message: str) -> None:
         if self.verbose:
-            print(f"[tinker {self.name} +{time.monotonic() - self.started:.2f}s] {message}", flush=True)
+            print(
+                f"[art_tinker] {self.name} +{time.monotonic() - self.started:.2f}s: {message}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def prepare(
@@ -153,7 +158,7 @@ async def gradient_step(
     import tinker
 
     if prepared.batch is None:
-        return StepOutcome({"loss/train": 0.0, "data/step_num_gradient_steps": 0.0}, changed=False)
+        return StepOutcome({"loss/grad_norm": 0.0, "data/step_num_gradient_steps": 0.0}, changed=False)
     sequences = prepared.sequences
     trained_tokens = prepared.batch.num_trained_tokens
     custom = loss.needs_custom or missing_logprobs(sequences)

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
-from art_tinker.server import batching
+from art_tinker.server import batching, sampler
 from art_tinker.server.engine import AdamSpec, ForwardBackwardResult, SampleSpec, TrainerHandle
 from art_tinker.server.errors import UserError
 from art_tinker.server.losses import LOSSES, check_inputs, check_loss
@@ -215,53 +214,16 @@ class LocalEngine:
         *,
         prompt_logprobs: bool,
     ) -> tuple[list[SampledSequence], list[float] | None]:
-        from art_local.inference.engine import SamplingParams
-        from art_local.inference.sampling import Row, Vocab, sample_rows
-
-        if spec.top_k > 0:
-            raise UserError(f"sampling_params.top_k={spec.top_k} is not supported here; use top_p (or -1)")
         if not prompt:
             raise UserError("the prompt is empty; sampling needs at least one token")
         model = self._sampler_model(base_model, weights)
-        tokenizer = self.tokenizer(base_model)
         context = int(getattr(model.config, "max_position_embeddings", 2048))
         room = context - len(prompt)
         if room < 1:
             raise UserError(f"the prompt has {len(prompt)} tokens; this model's context is {context}")
+        vocab = int(model.config.vocab_size)
+        if any(not 0 <= token < vocab for token in prompt):
+            raise UserError(f"the prompt holds token ids outside this model's vocabulary [0, {vocab})")
         max_new = min(spec.max_tokens or room, room)
-        try:
-            params = SamplingParams(
-                max_tokens=max_new, temperature=spec.temperature, top_p=spec.top_p, stop=spec.stop_strings
-            )
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        vocab = Vocab(tokenizer=tokenizer, eos_token_ids=frozenset(spec.stop_tokens), pad_token_id=int(pad))
-        rows = [
-            Row(tuple(prompt), params, _generator(spec.seed, i, self.device), max_new)
-            for i in range(num_samples)
-        ]
-        completions = sample_rows(model, vocab, rows)
-        sequences = [
-            SampledSequence(
-                list(c.token_ids), list(c.logprobs), "stop" if c.finish_reason == "stop" else "length"
-            )
-            for c in completions
-        ]
-        return sequences, (_prompt_logprobs(model, prompt, self.device) if prompt_logprobs else None)
-
-
-def _generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed + index)
-
-
-@torch.inference_mode()
-def _prompt_logprobs(model: PreTrainedModel, prompt: Sequence[int], device: torch.device) -> list[float]:
-    tokens_1T = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-    logprobs_TV = model(input_ids=tokens_1T).logits[0].float().log_softmax(dim=-1)
-    chosen: npt.NDArray[np.float32] = (
-        logprobs_TV[:-1].gather(-1, tokens_1T[0, 1:].unsqueeze(-1)).squeeze(-1).cpu().numpy()
-    )
-    return [float("nan"), *chosen.tolist()]
+        sequences = sampler.sample(model, self.tokenizer(base_model), prompt, num_samples, spec, max_new)
+        return sequences, (sampler.prompt_logprobs(model, prompt) if prompt_logprobs else None)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import secrets
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,10 +53,18 @@ def build_app(config: ServerConfig) -> FastAPI:
     return create_app(service, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
 
 
+def _warm_up() -> None:
+    """Import the trainer's heavy modules in the background while the server starts accepting requests."""
+    import peft  # noqa: F401
+
+    import art_local.training  # noqa: F401  (torch, transformers)
+
+
 def serve(config: ServerConfig, *, log_level: str = "warning") -> None:
     """Run until interrupted; prints ``art tinker server listening on http://HOST:PORT`` once it accepts."""
     import uvicorn
 
+    threading.Thread(target=_warm_up, name="tinker-warm-up", daemon=True).start()
     app = build_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level))
 
