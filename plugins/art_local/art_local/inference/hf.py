@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -31,7 +31,7 @@ from art_local.inference.engine import (
     UnknownModelError,
     split_step_name,
 )
-from art_local.inference.sampling import Row, Vocab, sample_rows
+from art_local.inference.sampling import DecodeBatch, Row, Vocab
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -48,11 +48,21 @@ class HFEngineConfig:
     batch_window_s: float = 0.005  # how long the first request of a batch waits for company
     max_batch_rows: int = 64  # sequences (prompts x n) sampled together at most
     max_cached_steps: int = 2  # older steps kept in memory besides the latest (least recently used goes)
+    cpu_threads: int | None = None  # torch threads of the sampling thread on CPU; None: one less than torch's
 
 
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_cpu_threads() -> int:
+    """Threads for CPU sampling: one core is left to the HTTP server and the caller.
+
+    OpenMP threads that share cores with other busy threads spin at barriers; measured here, two threads on
+    two busy cores sampled 5-10x slower than one (ARCHITECTURE §6 notes the same trap for bf16).
+    """
+    return max(1, torch.get_num_threads() - 1)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -110,11 +120,14 @@ class _Entry:
 
 @dataclass
 class _Job:
+    """One request: ``len(rows)`` sequences (its ``n``) whose completions settle one future."""
+
     module: PreTrainedModel
     vocab: Vocab
     rows: list[Row]
     future: asyncio.Future[list[Completion]]
     loop: asyncio.AbstractEventLoop
+    done: dict[int, Completion] = field(default_factory=dict)
 
 
 def _settle(job: _Job, result: list[Completion] | BaseException) -> None:
@@ -133,80 +146,115 @@ def _settle(job: _Job, result: list[Completion] | BaseException) -> None:
 
 
 class BatchWorker:
-    """One thread that collects jobs for ``window_s`` and samples each module's jobs as one batch."""
+    """One thread that runs every model's ``DecodeBatch``, admitting new requests between decoding steps.
 
-    def __init__(self, window_s: float, max_rows: int) -> None:
-        self._window_s, self._max_rows = window_s, max_rows
+    When nothing runs, the first request waits ``window_s`` for company (sliding, at most 20 windows); while a
+    batch runs, requests that arrived join it at the next step (continuous batching). Batches of different
+    modules (steps) take turns step by step, so no step's requests starve.
+    """
+
+    def __init__(self, window_s: float, max_rows: int, cpu_threads: int | None = None) -> None:
+        self._window_s, self._max_rows, self._cpu_threads = window_s, max_rows, cpu_threads
         self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._pending: list[_Job] = []
+        self._batches: dict[int, DecodeBatch] = {}
+        self.batches_run = 0  # prefills (groups of requests admitted together), for tests and benchmarks
+        self.steps_run = 0
         self._thread = threading.Thread(target=self._run, daemon=True, name="art-hf-batcher")
         self._thread.start()
-        self.batches_run = 0  # for tests and benchmarks: how many sample_rows calls were made
 
     def submit(self, job: _Job) -> None:
         """Queue a job; its future is settled from the worker thread."""
         self._queue.put(job)
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Finish the running batch, fail queued jobs, and stop the thread."""
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Fail queued and running jobs, and stop the thread."""
         self._queue.put(None)
-        self._thread.join(timeout)
+        self._thread.join(timeout_s)
 
-    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
-        jobs, rows = [first], len(first.rows)
-        deadline = time.monotonic() + self._window_s
-        while rows < self._max_rows:
+    def _take(self, block: bool) -> bool:
+        """Move queued jobs to ``_pending``; False once ``close`` was called."""
+        try:
+            job = self._queue.get(block=block)
+        except queue.Empty:
+            return True
+        cap = time.monotonic() + 20 * self._window_s
+        while job is not None:
+            self._pending.append(job)
+            wait = min(self._window_s, cap - time.monotonic()) if block else 0.0
             try:
-                job = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+                job = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
-                break
-            if job is None:
-                return jobs, True
-            jobs.append(job)
-            rows += len(job.rows)
-        return jobs, False
+                return True
+        return False
+
+    def _admit(self) -> None:
+        waiting: list[_Job] = []
+        groups: dict[int, list[_Job]] = {}
+        for job in self._pending:
+            if job.future.cancelled():
+                continue
+            batch = self._batches.get(id(job.module))
+            used = (len(batch) if batch else 0) + sum(len(j.rows) for j in groups.get(id(job.module), []))
+            joinable = batch is None or not len(batch) or batch.joinable
+            if joinable and (used == 0 or used + len(job.rows) <= self._max_rows):
+                groups.setdefault(id(job.module), []).append(job)
+            else:
+                waiting.append(job)
+        self._pending = waiting
+        for key, jobs in groups.items():
+            batch = self._batches.setdefault(key, DecodeBatch(jobs[0].module, jobs[0].vocab))
+            rows = [row for job in jobs for row in job.rows]
+            tickets = [(job, i) for job in jobs for i in range(len(job.rows))]
+            try:
+                batch.admit(rows, tickets)
+            except Exception as exc:
+                self._fail(jobs, exc)
+                continue
+            self.batches_run += 1
+
+    def _step(self, key: int, batch: DecodeBatch) -> None:
+        try:
+            finished = batch.step()
+        except Exception as exc:  # never kill the worker: fail this batch's requests with the cause
+            self._fail(
+                list({id(job): job for job, _ in cast(list[tuple[_Job, int]], batch.tickets)}.values()), exc
+            )
+            del self._batches[key]
+            return
+        self.steps_run += 1
+        for ticket, completion in finished:
+            job, index = cast(tuple[_Job, int], ticket)
+            job.done[index] = completion
+            if len(job.done) == len(job.rows):
+                _settle(job, [job.done[i] for i in range(len(job.rows))])
+
+    def _fail(self, jobs: list[_Job], exc: Exception) -> None:
+        for job in jobs:
+            _settle(job, RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
 
     def _run(self) -> None:
-        closing = False
-        while not closing:
-            first = self._queue.get()
-            if first is None:
-                break
-            jobs, closing = self._collect(first)
-            groups: dict[int, list[_Job]] = {}
-            for job in jobs:
-                if not job.future.cancelled():
-                    groups.setdefault(id(job.module), []).append(job)
-            for group in groups.values():
-                self._run_group(group)
+        if self._cpu_threads is not None:
+            torch.set_num_threads(self._cpu_threads)  # OpenMP: applies to this thread only, not the trainer's
+        running = True
+        while running:
+            running = self._take(block=not self._batches)
+            self._admit()
+            for key, batch in list(self._batches.items()):
+                if len(batch):
+                    self._step(key, batch)
+                if not len(batch):
+                    self._batches.pop(key, None)  # drop the module reference: old steps can be freed
+        error = RuntimeError("the inference engine was closed before this request finished")
+        for batch in self._batches.values():
+            for ticket in batch.tickets:
+                _settle(cast(tuple[_Job, int], ticket)[0], error)
+        for job in self._pending:
+            _settle(job, error)
         while not self._queue.empty():
             left = self._queue.get_nowait()
             if left is not None:
-                _settle(left, RuntimeError("the inference engine was closed before this request ran"))
-
-    def _run_group(self, jobs: list[_Job]) -> None:
-        chunk: list[_Job] = []
-        for job in jobs:
-            if chunk and sum(len(j.rows) for j in chunk) + len(job.rows) > self._max_rows:
-                self._sample(chunk)
-                chunk = []
-            chunk.append(job)
-        if chunk:
-            self._sample(chunk)
-
-    def _sample(self, jobs: list[_Job]) -> None:
-        rows = [row for job in jobs for row in job.rows]
-        try:
-            completions = sample_rows(jobs[0].module, jobs[0].vocab, rows)
-        except Exception as exc:  # never kill the worker: fail these requests with the cause
-            for job in jobs:
-                _settle(job, RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
-            return
-        finally:
-            self.batches_run += 1
-        start = 0
-        for job in jobs:
-            _settle(job, completions[start : start + len(job.rows)])
-            start += len(job.rows)
+                _settle(left, error)
 
 
 class HFEngine:
@@ -218,7 +266,11 @@ class HFEngine:
         self.dtype = self.config.dtype or default_dtype(self.device)
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
-        self._worker = BatchWorker(self.config.batch_window_s, self.config.max_batch_rows)
+        self._worker = BatchWorker(
+            self.config.batch_window_s,
+            self.config.max_batch_rows,
+            (self.config.cpu_threads or default_cpu_threads()) if self.device.type == "cpu" else None,
+        )
 
     # ---- registry (called from the service, off the event loop) ----
 

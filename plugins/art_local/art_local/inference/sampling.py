@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from art_local.inference.engine import Completion, FinishReason, SamplingParams
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -146,60 +146,165 @@ def _completion(vocab: Vocab, output: _RowOutput) -> Completion:
     )
 
 
-@torch.inference_mode()
-def sample_rows(model: PreTrainedModel, vocab: Vocab, rows: Sequence[Row]) -> list[Completion]:
-    """Sample every row to completion with one shared KV cache; one ``Completion`` per row, in order."""
-    from transformers import DynamicCache
+def _cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    layers = cast(list[Any], cache.layers)  # DynamicLayer: keys/values are [B, heads, T, head_dim]
+    return [(layer.keys, layer.values) for layer in layers]
 
-    device = next(model.parameters()).device
-    tokens_BP, mask_BT = left_pad([row.prompt for row in rows], vocab.pad_token_id, device)
-    positions_B = mask_BT.sum(dim=-1) - 1
-    cache = DynamicCache(config=model.config)
-    logits_BV = model(
-        input_ids=tokens_BP,
-        attention_mask=mask_BT,
-        position_ids=(mask_BT.cumsum(dim=-1) - 1).clamp(min=0),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1, :]
-    outputs = [_RowOutput() for _ in rows]
-    active = list(range(len(rows)))  # row index of each batch position
-    temperature_B = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32, device=device)
-    top_p_B = torch.tensor([r.params.top_p for r in rows], dtype=torch.float32, device=device)
-    max_top = max(r.params.top_logprobs for r in rows)
-    while True:
-        batch_rows = [rows[i] for i in active]
+
+def _left_pad_kv(kv: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - kv.shape[-2]
+    if missing == 0:
+        return kv
+    return torch.cat([kv.new_zeros((*kv.shape[:-2], missing, kv.shape[-1])), kv], dim=-2)
+
+
+def _left_pad_mask(mask_BT: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - mask_BT.shape[-1]
+    return (
+        mask_BT
+        if missing == 0
+        else torch.cat([mask_BT.new_zeros((mask_BT.shape[0], missing)), mask_BT], dim=-1)
+    )
+
+
+def mergeable(cache: DynamicCache) -> bool:
+    """True when every cache layer is a plain full-attention ``DynamicLayer`` (rows can join and leave)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+class DecodeBatch:
+    """The running batch of one model: rows join (``admit``) and leave (when finished) between steps.
+
+    Rows are left-aligned against one KV cache; a joining group is prefilled on its own and its cache is
+    left-padded (masked) to the batch's length, so every row keeps its own positions. Columns that are padding
+    for every remaining row are cut off, so the cache never grows past the longest live row.
+    """
+
+    def __init__(self, model: PreTrainedModel, vocab: Vocab) -> None:
+        self.model, self.vocab = model, vocab
+        self.device = next(model.parameters()).device
+        self.rows: list[Row] = []
+        self.outputs: list[_RowOutput] = []
+        self.tickets: list[object] = []  # who each row belongs to (opaque to this class)
+        self.cache: DynamicCache | None = None
+        self.mask_BT = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self.positions_B = torch.zeros((0,), dtype=torch.long, device=self.device)
+        self.logits_BV: torch.Tensor | None = None  # next-token logits of every row, waiting to be sampled
+        self.joinable = True  # False for caches this class cannot merge (sliding windows, ...)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def admit(self, rows: Sequence[Row], tickets: Sequence[object]) -> None:
+        """Prefill ``rows`` and add them to the batch."""
+        from transformers import DynamicCache
+
+        assert self.joinable or not self.rows, "this cache cannot take rows while others run"
+        tokens_BP, mask_BP = left_pad([row.prompt for row in rows], self.vocab.pad_token_id, self.device)
+        cache = DynamicCache(config=self.model.config)
+        logits_BV = self.model(
+            input_ids=tokens_BP,
+            attention_mask=mask_BP,
+            position_ids=(mask_BP.cumsum(dim=-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1, :]
+        positions_B = mask_BP.sum(dim=-1) - 1
+        if self.cache is None or not self.rows:
+            self.cache, self.mask_BT, self.positions_B, self.logits_BV = (
+                cache,
+                mask_BP,
+                positions_B,
+                logits_BV,
+            )
+            self.joinable = mergeable(cache)
+        else:
+            assert self.logits_BV is not None
+            length = max(self.mask_BT.shape[-1], mask_BP.shape[-1])
+            merged = [
+                (torch.cat([_left_pad_kv(k0, length), _left_pad_kv(k1, length)]),
+                 torch.cat([_left_pad_kv(v0, length), _left_pad_kv(v1, length)]))
+                for (k0, v0), (k1, v1) in zip(_cache_tensors(self.cache), _cache_tensors(cache), strict=True)
+            ]  # fmt: skip
+            self.cache = DynamicCache(ddp_cache_data=merged, config=self.model.config)
+            self.mask_BT = torch.cat([_left_pad_mask(self.mask_BT, length), _left_pad_mask(mask_BP, length)])
+            self.positions_B = torch.cat([self.positions_B, positions_B])
+            self.logits_BV = torch.cat([self.logits_BV, logits_BV])
+        self.rows += rows
+        self.outputs += [_RowOutput() for _ in rows]
+        self.tickets += tickets
+
+    def _keep(self, keep: list[int]) -> None:
+        assert self.cache is not None
+        keep_K = torch.tensor(keep, device=self.device, dtype=torch.long)
+        self.rows = [self.rows[i] for i in keep]
+        self.outputs = [self.outputs[i] for i in keep]
+        self.tickets = [self.tickets[i] for i in keep]
+        self.mask_BT, self.positions_B = self.mask_BT[keep_K], self.positions_B[keep_K]
+        live_T = self.mask_BT.sum(dim=0) > 0
+        first = int(live_T.nonzero()[0]) if bool(live_T.any()) else 0
+        if first > 0 and self.joinable:  # columns that are padding for every remaining row
+            self.mask_BT = self.mask_BT[:, first:]
+            trimmed = [(k[keep_K, :, first:], v[keep_K, :, first:]) for k, v in _cache_tensors(self.cache)]
+            self.cache = type(self.cache)(ddp_cache_data=trimmed, config=self.model.config)
+        else:
+            self.cache.batch_select_indices(keep_K)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[object, Completion]]:
+        """Sample one token for every row, retire finished rows, and run the forward for the rest."""
+        assert self.logits_BV is not None and self.cache is not None and self.rows
+        logits_BV = self.logits_BV
+        temperature_B = torch.tensor([r.params.temperature for r in self.rows], device=self.device)
+        top_p_B = torch.tensor([r.params.top_p for r in self.rows], device=self.device)
         logprobs_BV = logits_BV.float().log_softmax(dim=-1)
         tokens_B = sample_tokens(
-            logits_BV, temperature_B, top_p_B, _noise(batch_rows, logits_BV.shape[-1], device)
+            logits_BV, temperature_B, top_p_B, _noise(self.rows, logits_BV.shape[-1], self.device)
         )
         chosen_B = logprobs_BV.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1)
-        tops: list[tuple[tuple[int, float], ...]] = [()] * len(active)
-        if max_top:
+        tops: list[tuple[tuple[int, float], ...]] = [()] * len(self.rows)
+        if max_top := max(r.params.top_logprobs for r in self.rows):
             values_BK, ids_BK = logprobs_BV.topk(max_top, dim=-1)
             tops = [
                 tuple(zip(i, v, strict=True))
                 for i, v in zip(ids_BK.tolist(), values_BK.tolist(), strict=True)
             ]
-        for pos, (token, logprob) in enumerate(zip(tokens_B.tolist(), chosen_B.tolist(), strict=True)):
-            _record(vocab, rows[active[pos]], outputs[active[pos]], token, logprob, tops[pos])
-        keep = [pos for pos, i in enumerate(active) if outputs[i].finish_reason is None]
+        for i, (token, logprob) in enumerate(zip(tokens_B.tolist(), chosen_B.tolist(), strict=True)):
+            _record(self.vocab, self.rows[i], self.outputs[i], token, logprob, tops[i])
+        done = [
+            (self.tickets[i], _completion(self.vocab, o))
+            for i, o in enumerate(self.outputs)
+            if o.finish_reason
+        ]
+        keep = [i for i, o in enumerate(self.outputs) if o.finish_reason is None]
         if not keep:
-            break
-        if len(keep) < len(active):
-            keep_K = torch.tensor(keep, device=device)
-            cache.batch_select_indices(keep_K)
-            mask_BT, positions_B, tokens_B = mask_BT[keep_K], positions_B[keep_K], tokens_B[keep_K]
-            temperature_B, top_p_B = temperature_B[keep_K], top_p_B[keep_K]
-            active = [active[pos] for pos in keep]
-        mask_BT = torch.cat([mask_BT, mask_BT.new_ones((len(active), 1))], dim=-1)
-        positions_B = positions_B + 1
-        logits_BV = model(
+            self.rows, self.outputs, self.tickets = [], [], []
+            self.cache, self.logits_BV = None, None
+            return done
+        if len(keep) < len(self.rows):
+            tokens_B = tokens_B[torch.tensor(keep, device=self.device, dtype=torch.long)]
+            self._keep(keep)
+        self.mask_BT = torch.cat([self.mask_BT, self.mask_BT.new_ones((len(self.rows), 1))], dim=-1)
+        self.positions_B = self.positions_B + 1
+        self.logits_BV = self.model(
             input_ids=tokens_B.unsqueeze(-1),
-            attention_mask=mask_BT,
-            position_ids=positions_B.unsqueeze(-1),
-            past_key_values=cache,
+            attention_mask=self.mask_BT,
+            position_ids=self.positions_B.unsqueeze(-1),
+            past_key_values=self.cache,
             use_cache=True,
         ).logits[:, -1, :]
-    return [_completion(vocab, output) for output in outputs]
+        return done
+
+
+def sample_rows(model: PreTrainedModel, vocab: Vocab, rows: Sequence[Row]) -> list[Completion]:
+    """Sample every row to completion in one batch; one ``Completion`` per row, in order."""
+    batch = DecodeBatch(model, vocab)
+    batch.admit(rows, list(range(len(rows))))
+    results: dict[int, Completion] = {}
+    while len(batch):
+        results.update((cast(int, ticket), completion) for ticket, completion in batch.step())
+    return [results[i] for i in range(len(rows))]

@@ -120,11 +120,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), "invalid_request_error")
 
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        logging.getLogger(__name__).exception("inference request failed")
-        return _error(500, f"inference failed: {type(exc).__name__}: {exc}", "server_error", "internal_error")
-
 
 def create_app(engine: Engine, *, api_key: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible FastAPI app over ``engine``; every ``/v1`` route requires ``api_key``."""
@@ -172,6 +167,11 @@ def create_app(engine: Engine, *, api_key: str, max_body_bytes: int = DEFAULT_MA
             return _error(404, str(exc), "invalid_request_error", "model_not_found", "model")
         except RequestError as exc:
             return _error(400, str(exc), "invalid_request_error", "invalid_request", exc.param)
+        except Exception as exc:  # the engine failed: answer 500 with the cause, keep serving
+            logging.getLogger(__name__).error("chat completion for %r failed: %r", body.model, exc)
+            return _error(
+                500, f"inference failed: {type(exc).__name__}: {exc}", "server_error", "internal_error"
+            )
         return chat_completion_response(served, body, len(prompt), completions)
 
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)

@@ -86,6 +86,7 @@ class InferenceService:
         engine: EngineKind = "auto",
         api_key: str | None = None,
         batch_window_s: float = 0.005,
+        cpu_threads: int | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         start_timeout_s: float = 600.0,
     ) -> None:
@@ -94,6 +95,7 @@ class InferenceService:
         self._engine_kind = choose_engine(engine)
         self._api_key = api_key or secrets.token_urlsafe(32)
         self._batch_window_s = batch_window_s
+        self._cpu_threads = cpu_threads
         self._max_body_bytes = max_body_bytes
         self._start_timeout_s = start_timeout_s
         self._engine: HostedEngine | None = None
@@ -131,7 +133,11 @@ class InferenceService:
             return VLLMEngine(VLLMEngineConfig(start_timeout_s=self._start_timeout_s))
         from art_local.inference.hf import HFEngine, HFEngineConfig
 
-        return HFEngine(HFEngineConfig(device=self._device, batch_window_s=self._batch_window_s))
+        return HFEngine(
+            HFEngineConfig(
+                device=self._device, batch_window_s=self._batch_window_s, cpu_threads=self._cpu_threads
+            )
+        )
 
     async def start(self) -> None:
         """Create the engine and start the HTTP server (idempotent; fails with the server's own error text)."""
