@@ -308,12 +308,12 @@ class ServerlessBackend:
         job = wire.TrainingJobRecord.model_validate(await self._api.post(wire.TRAINING_JOBS_PATH, body))
         if verbose:
             tqdm.write(f"[serverless] training job {job.id} submitted for {model.name}", file=sys.stderr)
-        steps = await self._follow_job(job.id, model.name, verbose)
+        steps, final_metrics = await self._follow_job(job.id, model.name, verbose)
         step = await self._get_step(model)
         assert model.entity is not None, "register() sets the entity"
         return ServerlessTrainResult(
             step=step,
-            metrics=train_metrics(groups, steps, time.monotonic() - started),
+            metrics=train_metrics(groups, steps, final_metrics, time.monotonic() - started),
             artifact_name=f"{model.entity}/{model.project}/{model.name}:step{step}",
         )
 
@@ -329,8 +329,11 @@ class ServerlessBackend:
                 return events
             after = batch[-1].id
 
-    async def _follow_job(self, job_id: str, model_name: str, verbose: bool) -> list[dict[str, float]]:
-        """Poll the job's events about every ``poll_interval`` until it ends; return each gradient step's metrics."""
+    async def _follow_job(
+        self, job_id: str, model_name: str, verbose: bool
+    ) -> tuple[list[dict[str, float]], dict[str, float]]:
+        """Poll the job's events about every ``poll_interval`` until it ends; return each gradient step's metrics
+        and those ``training_ended`` carries (our server sends the call's metrics there; others send none)."""
         after: str | None = None
         steps: list[dict[str, float]] = []
         last_progress = time.monotonic()
@@ -372,7 +375,8 @@ class ServerlessBackend:
                         message = event.data.get("error_message") or "the server gave no error message"
                         raise TrainingJobFailedError(job_id, str(message))
                     elif event.type == "training_ended":
-                        return steps
+                        final = event.data.get("metrics")
+                        return steps, step_metrics(final) if isinstance(final, dict) else {}
                 if time.monotonic() - last_progress >= self._no_progress_timeout:
                     raise TrainingStalledError(job_id, self._no_progress_timeout, last_error) from last_error
         finally:

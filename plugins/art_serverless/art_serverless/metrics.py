@@ -70,10 +70,14 @@ def batch_metrics(groups: Iterable[TrajectoryGroup]) -> dict[str, float]:
 
 
 def train_metrics(
-    groups: Sequence[TrajectoryGroup], steps: Sequence[Mapping[str, float]], elapsed_s: float
+    groups: Sequence[TrajectoryGroup],
+    steps: Sequence[Mapping[str, float]],
+    final: Mapping[str, float],
+    elapsed_s: float,
 ) -> dict[str, float]:
-    """The metrics of one ``train()``: batch counts, then the server's step means (which win), then timing."""
-    metrics = {**batch_metrics(groups), **mean_metrics(steps)}
+    """The metrics of one ``train()``: batch counts, then the server's (the mean over its gradient steps, or
+    what ``training_ended`` carried when there was no step), then timing; server values win."""
+    metrics = {**batch_metrics(groups), **(mean_metrics(steps) if steps else final)}
     metrics["data/step_num_gradient_steps"] = float(len(steps))
     metrics.setdefault("time/step_trainer_s", elapsed_s)
     return metrics

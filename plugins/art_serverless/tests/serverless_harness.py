@@ -31,7 +31,7 @@ from art_serverless.server import ServerConfig, create_app
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-@dataclass(frozen=True)
+@dataclass
 class Logged:
     method: str
     path: str
@@ -101,8 +101,8 @@ class RouteLog:
                 )
                 await send({"type": "http.response.body", "body": payload})
                 return
-        status: list[int] = []
-
+        entry = Logged(method, path, query, body, 0)
+        self.entries.append(entry)  # logged on arrival: the client may see the answer before the app returns
         delivered = False
 
         async def replay() -> Message:
@@ -114,11 +114,10 @@ class RouteLog:
 
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status.append(message["status"])
+                entry.status = message["status"]
             await send(message)
 
         await self.app(scope, replay, capture)
-        self.entries.append(Logged(method, path, query, body, status[0] if status else 0))
 
 
 class ThreadServer:

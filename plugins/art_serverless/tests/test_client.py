@@ -266,3 +266,16 @@ async def test_a_failing_job_raises_with_the_servers_message_quickly(served: Ser
     assert "RuntimeError" in caught.value.message
     assert await trainable.get_step() == 0, "a failed job records no checkpoint"
     await backend.close()
+
+
+async def test_a_call_without_an_optimizer_step_still_reports_the_servers_metrics(
+    served: Served, tmp_path: Path
+) -> None:
+    backend = client(served)
+    trainable = model(tmp_path)
+    await trainable.register(backend)
+    result = await backend.train(trainable, groups([[1.0, 1.0]], gradient_steps=0), learning_rate=3e-4)
+    assert result.metrics["data/step_num_gradient_steps"] == 0
+    assert result.metrics["loss/learning_rate"] == pytest.approx(3e-4), "carried by training_ended"
+    assert result.metrics["data/step_num_groups_trainable"] == 0
+    await backend.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from art_core.model import validate_name
-from art_core.plugins import load_backend
+from art_core.plugins import get_backend_class
 from art_core.trajectories import TrajectoryGroup, check_groups
 from art_serverless import wire
 from art_serverless.server.guard import GuardMiddleware
@@ -120,9 +121,18 @@ async def _db(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def _backend_factory(config: ServerConfig) -> Callable[[], Any]:
+    """Build the named backend; one that takes a ``path`` keeps its files under DATA_DIR/backend by default."""
     if config.backend_factory is not None:
         return config.backend_factory
-    return lambda: load_backend(config.backend, **dict(config.backend_options))
+
+    def build() -> Any:
+        backend_class = get_backend_class(config.backend)
+        options = dict(config.backend_options)
+        if "path" not in options and "path" in inspect.signature(backend_class).parameters:
+            options["path"] = str(config.data_dir / "backend")
+        return backend_class(**options)
+
+    return build
 
 
 def parse_groups(raw_groups: list[dict[str, Any]]) -> list[TrajectoryGroup]:

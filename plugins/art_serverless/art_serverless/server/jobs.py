@@ -1,8 +1,9 @@
 """Running training jobs: one queue and one worker per model, so a model's jobs run one at a time, in order.
 
 A job's life is written to the store as events: ``training_started``, then after ``train()`` returns one
-``gradient_step`` per optimizer step the backend reports (``data/step_num_gradient_steps``, default 1) and
-``training_ended``, committed together with the checkpoint record; or ``training_failed {error_message}``.
+``gradient_step`` per optimizer step the backend reports (``data/step_num_gradient_steps``, default 1; each
+carries the call's metrics) and ``training_ended {step, metrics}``, committed together with the checkpoint
+record; or ``training_failed {error_message}``.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ SHUTDOWN_MESSAGE = (
 EXPECTED_GRADIENT_STEPS = 1
 
 
-def gradient_steps(result: TrainResult) -> list[dict[str, float]]:
-    """One metrics record per optimizer step of the result (the step's metrics are the call's)."""
+def gradient_steps(result: TrainResult) -> int:
+    """How many optimizer steps the call made: ``data/step_num_gradient_steps`` (0 for a batch with nothing
+    to train) when the backend reports it, else 1."""
     count = result.metrics.get("data/step_num_gradient_steps", 1.0)
-    steps = int(count) if isinstance(count, (int, float)) and math.isfinite(count) and count >= 1 else 1
-    return [dict(result.metrics) for _ in range(steps)]
+    return int(count) if isinstance(count, (int, float)) and math.isfinite(count) and count >= 0 else 1
 
 
 def describe(error: BaseException) -> str:
@@ -87,7 +88,9 @@ class JobRunner:
             row = await _db(self._store.get_model, job.model_id)
             await _db(self._store.start_job, job.id, EXPECTED_GRADIENT_STEPS)
             result = await self._host.train(row, groups, request["options"])
-            await _db(self._store.finish_job, job.id, row.id, result.step, gradient_steps(result))
+            await _db(
+                self._store.finish_job, job.id, row.id, result.step, result.metrics, gradient_steps(result)
+            )
         except asyncio.CancelledError:
             self._store.fail_job(job.id, SHUTDOWN_MESSAGE.format(job_id=job.id))
             raise

@@ -278,19 +278,23 @@ class Store:
             self._event(db, job_id, "training_started", {"num_sequences": num_sequences})
 
     def finish_job(
-        self, job_id: str, model_id: str, step: int, steps_metrics: list[dict[str, float]]
+        self, job_id: str, model_id: str, step: int, metrics: Mapping[str, Any], gradient_steps: int
     ) -> None:
-        """One transaction: a ``gradient_step`` event per optimizer step, the checkpoint record, ``training_ended``."""
-        metrics = finite_metrics(steps_metrics[-1]) if steps_metrics else {}
+        """One transaction: a ``gradient_step`` event per optimizer step, the checkpoint record, ``training_ended``.
+
+        ``training_ended`` carries ``{step, metrics}`` too (an extension that clients unaware of it ignore), so the
+        metrics of a call that made no optimizer step still reach the client.
+        """
+        metrics = finite_metrics(metrics)
         with self._transaction() as db:
-            for step_metrics in steps_metrics:
-                self._event(db, job_id, "gradient_step", finite_metrics(step_metrics))
+            for _ in range(gradient_steps):
+                self._event(db, job_id, "gradient_step", metrics)
             db.execute(
                 "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (model_id, step) DO UPDATE SET metrics = excluded.metrics",
                 (_new_id("ckpt"), model_id, step, _dumps(metrics), time.time()),
             )
-            self._event(db, job_id, "training_ended", {})
+            self._event(db, job_id, "training_ended", {"step": step, "metrics": metrics})
             db.execute(
                 "UPDATE jobs SET status = 'succeeded', finished_at = ? WHERE id = ?", (time.time(), job_id)
             )
