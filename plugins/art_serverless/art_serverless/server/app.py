@@ -25,7 +25,7 @@ from art_serverless import wire
 from art_serverless.server.guard import GuardMiddleware
 from art_serverless.server.host import BackendHost, train_options
 from art_serverless.server.jobs import JobRunner
-from art_serverless.server.proxy import forward_chat, models_list
+from art_serverless.server.proxy import ModelNames, forward_chat, models_list
 from art_serverless.server.store import ConflictError, NotFoundError, Store
 
 logger = logging.getLogger("art_serverless.server")
@@ -308,11 +308,11 @@ def _install_routes(app: FastAPI) -> None:
         except ValueError as error:
             raise ApiError(404, str(error), "not_found_error") from None
         row = await _db(state.store.find_model, entity, project, name)
-        base_url, api_key, upstream = await state.host.inference_target(row, step)
+        steps = await _db(state.store.checkpoint_steps, row.id)
+        base_url, api_key, names = await state.host.inference_target(row, step, steps)
+        names = ModelNames(names.upstream, public, {**names.aliases, names.upstream: public})
         try:
-            return await forward_chat(
-                state.proxy, base_url=base_url, api_key=api_key, body=body, upstream=upstream, public=public
-            )
+            return await forward_chat(state.proxy, base_url=base_url, api_key=api_key, body=body, names=names)
         except httpx.TransportError as error:
             raise ApiError(
                 502,

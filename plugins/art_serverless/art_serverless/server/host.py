@@ -20,8 +20,9 @@ from art_core.backend import TrainableBackend
 from art_core.model import TrainableModel
 from art_core.results import TrainResult
 from art_core.trajectories import TrajectoryGroup
+from art_serverless.server.proxy import ModelNames
 from art_serverless.server.store import ModelRow
-from art_serverless.wire import EXPERIMENTAL_CONFIG_KEYS, ExperimentalConfig
+from art_serverless.wire import EXPERIMENTAL_CONFIG_KEYS, ExperimentalConfig, artifact_name
 
 T = TypeVar("T")
 
@@ -167,13 +168,27 @@ class BackendHost:
         model = await self.model(row)
         await self.call(lambda backend: backend._delete_checkpoint_files(model, steps_to_keep))
 
-    async def inference_target(self, row: ModelRow, step: int | None) -> tuple[str, str, str]:
-        """Where the backend serves ``row`` (base URL, key) and the model name it expects for ``step``."""
+    async def inference_target(
+        self, row: ModelRow, step: int | None, steps: list[int]
+    ) -> tuple[str, str, ModelNames]:
+        """Where the backend serves ``row`` (base URL, key) and its names: the one for ``step`` and, for
+        translating answers, those of the latest and of each kept step in ``steps``."""
         model = await self.model(row)
         if model.inference_base_url is None or model.inference_api_key is None:
             raise RuntimeError(f"backend {self.name!r} gave no inference endpoint for model {row.id}")
-        name = self.backend._model_inference_name(model, step)
-        return model.inference_base_url.rstrip("/"), model.inference_api_key, name
+        backend = self.backend
+        aliases = {
+            backend._model_inference_name(model, known): artifact_name(
+                row.entity, row.project, row.name, known
+            )
+            for known in [None, *steps]
+        }
+        names = ModelNames(
+            upstream=backend._model_inference_name(model, step),
+            public=artifact_name(row.entity, row.project, row.name, step),
+            aliases=aliases,
+        )
+        return model.inference_base_url.rstrip("/"), model.inference_api_key, names
 
     async def close(self, wait_s: float = 60.0) -> None:
         """Close the backend, then stop its loop and thread."""
