@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,7 +158,8 @@ def check_base_model(base_model: str | Path) -> str:
     try:
         from huggingface_hub import hf_hub_download
 
-        hf_hub_download(text, "config.json")
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hf_hub_download(text, "config.json", local_files_only=offline, etag_timeout=10)
     except Exception as error:
         raise ValueError(
             f"base_model {text!r} is not a local directory and could not be fetched from the Hugging Face hub "
