@@ -11,7 +11,7 @@ from art_core.hookspecs import hookimpl
 from art_core.model import Model, TrainableModel
 from art_core.plugins import list_backends, list_reporters, load_backend
 from art_core.results import LocalTrainResult, ServerlessTrainResult, TinkerTrainResult, TrainResult
-from art_core.trajectories import History, PendingTrajectoryGroup, Trajectory, TrajectoryGroup
+from art_core.trajectories import History, Trajectory, TrajectoryGroup
 
 __version__ = "0.1.0"
 
@@ -21,7 +21,6 @@ __all__ = [
     "ImportanceSamplingLevel",
     "LocalTrainResult",
     "Model",
-    "PendingTrajectoryGroup",
     "ServerlessTrainResult",
     "TinkerTrainResult",
     "TooManyExceptionsError",

@@ -1,4 +1,4 @@
-"""art-core's own plugin: the built-in ``wandb`` reporter (wandb itself is imported only when used)."""
+"""art-core's own plugin: the ``strict`` reference backend and the ``wandb`` reporter (wandb imported on use)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 from art_core.hookspecs import hookimpl
+
+
+@hookimpl
+def art_register_backends(register: Callable[[str, type[Any]], None]) -> None:
+    from art_core.testing.strict import StrictBackend
+
+    register("strict", StrictBackend)
 
 
 @hookimpl

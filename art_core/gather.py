@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from art_core.trajectories import PendingTrajectoryGroup, Trajectory, TrajectoryGroup, check_rewards
+from art_core.trajectories import Trajectory, TrajectoryGroup, check_rewards
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -108,7 +108,7 @@ def _progress_bar(desc: str | None, total: int) -> tqdm | None:
 
 
 async def gather_trajectory_groups(
-    groups: Iterable[Awaitable[TrajectoryGroup] | PendingTrajectoryGroup | TrajectoryGroup],
+    groups: Iterable[Awaitable[TrajectoryGroup]],
     *,
     pbar_desc: str | None = "gather",
     max_exceptions: int | float = 0,
@@ -124,14 +124,16 @@ async def gather_trajectory_groups(
     """
     _check_max_exceptions(max_exceptions)
     items = list(groups)
-    total = sum(item.num_trajectories if isinstance(item, PendingTrajectoryGroup) else 1 for item in items)
+    total = sum(item.pending or len(item) if isinstance(item, TrajectoryGroup) else 1 for item in items)
     context = GatherContext(total=total, max_exceptions=max_exceptions, max_metrics=max_metrics)
 
-    async def finish(item: Awaitable[TrajectoryGroup] | TrajectoryGroup) -> list[TrajectoryGroup]:
+    async def finish(item: Awaitable[TrajectoryGroup]) -> list[TrajectoryGroup]:
         if isinstance(item, TrajectoryGroup):
-            group: TrajectoryGroup = item
-        elif isinstance(item, PendingTrajectoryGroup):
-            group = await item
+            already_finished = not item.pending
+            group = await item  # a pending group counts its rollouts itself as they finish
+            if already_finished:
+                for trajectory in group.trajectories:
+                    context.record_trajectory(trajectory)
         else:
             try:
                 group = await item

@@ -92,7 +92,7 @@ def _coerce_groups(value: object) -> list[TrajectoryGroup]:
         and all(isinstance(v, (Trajectory, BaseException)) for v in value)
     ):
         return [TrajectoryGroup(value)]  # ART accepts a flat batch of trajectories as one group
-    return check_groups(value)
+    return check_groups(value, allow_empty=True)
 
 
 class Model(pydantic.BaseModel):

@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Awaitable, Generator, Iterable, Iterator
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeGuard, cast, overload
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeGuard, cast
 
 import pydantic
 from pydantic import PlainSerializer, PlainValidator, SerializationInfo
@@ -192,9 +192,9 @@ def get_messages(messages_and_choices: Iterable[Any]) -> list[Message]:
 class TrajectoryGroup(pydantic.BaseModel):
     """Trajectories of one scenario whose rewards are compared with each other (GRPO's group).
 
-    ``TrajectoryGroup(rollout() for _ in range(8))`` over awaitables is itself awaitable: awaiting it runs the
-    rollouts concurrently, keeps failures as ``exceptions`` and feeds the progress bar of
-    ``gather_trajectory_groups``.
+    ``TrajectoryGroup(rollout() for _ in range(8))`` over awaitables starts empty and is awaitable: awaiting it
+    runs the rollouts concurrently, keeps failures as ``exceptions``, feeds the progress bar of
+    ``gather_trajectory_groups`` and returns the group itself, filled in. Awaiting a finished group returns it.
     """
 
     trajectories: list[Trajectory]
@@ -203,59 +203,24 @@ class TrajectoryGroup(pydantic.BaseModel):
     metrics: dict[str, MetricValue] = pydantic.Field(default_factory=dict)
     logs: list[str] = pydantic.Field(default_factory=list)
 
-    @overload
-    def __new__(
-        cls,
-        trajectories: Iterable[Trajectory | BaseException],
-        *,
-        exceptions: Iterable[BaseException | PydanticException] = (),
-        metadata: dict[str, MetadataValue] | None = None,
-        metrics: dict[str, MetricValue] | None = None,
-        logs: list[str] | None = None,
-    ) -> TrajectoryGroup: ...
-
-    @overload
-    def __new__(  # type: ignore[misc]
-        cls,
-        trajectories: Iterable[Awaitable[Trajectory]],
-        *,
-        exceptions: Iterable[BaseException | PydanticException] = (),
-        metadata: dict[str, MetadataValue] | None = None,
-        metrics: dict[str, MetricValue] | None = None,
-        logs: list[str] | None = None,
-    ) -> PendingTrajectoryGroup: ...
-
-    def __new__(
-        cls,
-        trajectories: Iterable[Any] | None = None,
-        *,
-        exceptions: Iterable[BaseException | PydanticException] = (),
-        metadata: dict[str, MetadataValue] | None = None,
-        metrics: dict[str, MetricValue] | None = None,
-        logs: list[str] | None = None,
-    ) -> Any:
-        if trajectories is not None and not isinstance(trajectories, (list, tuple)):
-            trajectories = list(trajectories)
-        if trajectories and any(_is_awaitable(item) for item in trajectories):
-            return PendingTrajectoryGroup(
-                list(trajectories), exceptions=list(exceptions), metadata=metadata, metrics=metrics, logs=logs
-            )
-        return super().__new__(cls)
+    _pending: list[Awaitable[Trajectory]] | None = pydantic.PrivateAttr(default=None)
 
     def __init__(
         self,
-        trajectories: Iterable[Trajectory | BaseException] = (),
+        trajectories: Iterable[Trajectory | BaseException] | Iterable[Awaitable[Trajectory]] = (),
         *,
         exceptions: Iterable[BaseException | PydanticException | dict[str, Any]] = (),
         metadata: dict[str, MetadataValue] | None = None,
         metrics: dict[str, MetricValue] | None = None,
         logs: list[str] | None = None,
     ) -> None:
-        items = list(trajectories)
-        kept = [item for item in items if not isinstance(item, BaseException)]
+        items: list[Any] = list(trajectories)
+        pending = [item for item in items if _is_awaitable(item)]
+        if pending and len(pending) != len(items):
+            raise TypeError("a TrajectoryGroup takes either finished trajectories or awaitables, not a mix")
         failures = [item for item in items if isinstance(item, BaseException)] + list(exceptions)
         super().__init__(
-            trajectories=kept,
+            trajectories=[] if pending else [item for item in items if not isinstance(item, BaseException)],
             # pydantic also calls this __init__ when validating JSON, so dicts pass through to validation
             exceptions=[
                 PydanticException.from_exception(item) if isinstance(item, BaseException) else item
@@ -265,6 +230,42 @@ class TrajectoryGroup(pydantic.BaseModel):
             metrics=metrics or {},
             logs=logs or [],
         )
+        self._pending = pending or None
+
+    @property
+    def pending(self) -> int:
+        """How many rollouts have not been awaited yet (0 for a finished group)."""
+        return len(self._pending) if self._pending else 0
+
+    def __await__(self) -> Generator[Any, None, TrajectoryGroup]:
+        return self._finish().__await__()
+
+    async def _finish(self) -> TrajectoryGroup:
+        if not self._pending:
+            return self
+        from art_core.gather import current_gather_context
+
+        awaitables, self._pending = self._pending, None
+        context = current_gather_context()
+        futures = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+        try:
+            for future in asyncio.as_completed(futures):
+                try:
+                    trajectory = await future
+                except Exception as error:  # a failed rollout is data, unless there are too many
+                    self.exceptions.append(PydanticException.from_exception(error))
+                    context.record_exception(error)
+                    continue
+                if not isinstance(trajectory, Trajectory):
+                    raise TypeError(
+                        f"a rollout returned {type(trajectory).__name__}; rollouts must return art.Trajectory"
+                    )
+                self.trajectories.append(trajectory)
+                context.record_trajectory(trajectory)
+        finally:
+            for future in futures:
+                future.cancel()
+        return self
 
     def log(self, message: str) -> None:
         self.logs.append(message)
@@ -280,57 +281,6 @@ def _is_awaitable(value: object) -> bool:
     return hasattr(value, "__await__")
 
 
-class PendingTrajectoryGroup:
-    """A group whose rollouts are still running; ``await`` it for the ``TrajectoryGroup``."""
-
-    def __init__(
-        self,
-        awaitables: list[Awaitable[Trajectory]],
-        *,
-        exceptions: list[BaseException | PydanticException],
-        metadata: dict[str, MetadataValue] | None,
-        metrics: dict[str, MetricValue] | None,
-        logs: list[str] | None,
-    ) -> None:
-        self.awaitables = awaitables
-        self.num_trajectories = len(awaitables)
-        self._exceptions = exceptions
-        self._metadata = metadata
-        self._metrics = metrics
-        self._logs = logs
-
-    def __await__(self) -> Generator[Any, None, TrajectoryGroup]:
-        return self._run().__await__()
-
-    async def _run(self) -> TrajectoryGroup:
-        from art_core.gather import current_gather_context
-
-        context = current_gather_context()
-        trajectories: list[Trajectory] = []
-        failures: list[BaseException | PydanticException] = list(self._exceptions)
-        futures = [asyncio.ensure_future(awaitable) for awaitable in self.awaitables]
-        try:
-            for future in asyncio.as_completed(futures):
-                try:
-                    trajectory = await future
-                except Exception as error:  # a failed rollout is data, unless there are too many
-                    failures.append(error)
-                    context.record_exception(error)
-                    continue
-                if not isinstance(trajectory, Trajectory):
-                    raise TypeError(
-                        f"a rollout returned {type(trajectory).__name__}; rollouts must return art.Trajectory"
-                    )
-                trajectories.append(trajectory)
-                context.record_trajectory(trajectory)
-        finally:
-            for future in futures:
-                future.cancel()
-        return TrajectoryGroup(
-            trajectories, exceptions=failures, metadata=self._metadata, metrics=self._metrics, logs=self._logs
-        )
-
-
 def check_rewards(groups: Iterable[TrajectoryGroup]) -> None:
     """Raise ``ValueError`` naming the group and trajectory index of the first non-finite reward."""
     for group_index, group in enumerate(groups):
@@ -342,8 +292,15 @@ def check_rewards(groups: Iterable[TrajectoryGroup]) -> None:
                 )
 
 
-def check_groups(value: object, *, what: str = "trajectory_groups") -> list[TrajectoryGroup]:
-    """Validate a caller's groups argument: a list of ``TrajectoryGroup`` with finite rewards."""
+def check_groups(
+    value: object, *, what: str = "trajectory_groups", allow_empty: bool = False
+) -> list[TrajectoryGroup]:
+    """Validate a caller's groups: a list of ``TrajectoryGroup`` with finite rewards.
+
+    For training (the default) an empty list, or a group with neither trajectories nor recorded failures, is a
+    ``ValueError``; a group whose rollouts all failed is kept (it trains nothing and is counted). Logging passes
+    ``allow_empty=True``.
+    """
     if isinstance(value, TrajectoryGroup):
         raise TypeError(
             f"{what} must be a list of TrajectoryGroup, not a single TrajectoryGroup; wrap it in [...]"
@@ -352,11 +309,17 @@ def check_groups(value: object, *, what: str = "trajectory_groups") -> list[Traj
         raise TypeError(f"{what} must be an iterable of TrajectoryGroup, not {type(value).__name__}")
     groups = list(value)
     for index, group in enumerate(groups):
-        if isinstance(group, PendingTrajectoryGroup):
-            raise TypeError(
-                f"{what}[{index}] is a pending group; await it (or use gather_trajectory_groups) first"
-            )
         if not isinstance(group, TrajectoryGroup):
             raise TypeError(f"{what}[{index}] is a {type(group).__name__}; expected TrajectoryGroup")
+        if group.pending:
+            raise TypeError(
+                f"{what}[{index}] has {group.pending} rollouts not awaited; await the group first"
+            )
+        if not allow_empty and not group.trajectories and not group.exceptions:
+            raise ValueError(
+                f"group {index} of {what} has no trajectories; drop it or fill it before training"
+            )
+    if not allow_empty and not groups:
+        raise ValueError(f"{what} is empty; pass at least one TrajectoryGroup")
     check_rewards(groups)
     return groups

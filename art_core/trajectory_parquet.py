@@ -11,7 +11,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from art_core.trajectories import Trajectory, TrajectoryGroup, is_choice
 
@@ -211,7 +211,7 @@ def read_trajectory_groups(path: str | Path) -> list[TrajectoryGroup]:
         first = by_group[index][0]
         trajectories = [
             Trajectory(
-                messages_and_choices=[_unflatten(message) for message in row["messages"] or []],
+                messages_and_choices=cast(Any, [_unflatten(message) for message in row["messages"] or []]),
                 tools=json.loads(row["tools"]) if row["tools"] else None,
                 reward=row["reward"],
                 metrics=json.loads(row["metrics"]) if row["metrics"] else {},

@@ -90,3 +90,28 @@ async def test_unknown_metric_lists_known_ones(base_path: str) -> None:
 @pytest.mark.parametrize("args", [["--help"], ["history", "--help"]])
 def test_help(args: list[str]) -> None:
     assert "Usage" in run(*args)
+
+
+def test_backends_check_runs_the_quick_checks() -> None:
+    out = run("backends", "--check")
+    assert "strict" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("strict ")]
+    assert rows and all("pass" in row for row in rows), out
+
+
+def test_backends_check_fails_on_a_backend_with_kwargs() -> None:
+    from art_core.testing.strict import StrictBackend
+
+    class Sloppy(StrictBackend):
+        async def train(self, model, trajectory_groups, **kwargs):  # type: ignore[no-untyped-def, override]
+            raise AssertionError
+
+    class SloppyPlugin:
+        @art.hookimpl
+        def art_register_backends(self, register):  # type: ignore[no-untyped-def]
+            register("sloppy", Sloppy)
+
+    plugins.register_plugin(SloppyPlugin(), name="sloppy")
+    result = CliRunner().invoke(build_cli(), ["backends", "--check"])
+    assert result.exit_code == 1
+    assert "takes **kwargs" in result.output and "lacks the common option learning_rate" in result.output

@@ -38,7 +38,7 @@ async def test_too_many_failures_raise_with_the_last_failure_as_cause() -> None:
 
 
 async def test_fractional_budget_is_a_share_of_all_rollouts() -> None:
-    def batch() -> list[art.PendingTrajectoryGroup]:
+    def batch() -> list[art.TrajectoryGroup]:
         return [art.TrajectoryGroup(rollout(r, fail=(g == 0 and r < 2)) for r in range(5)) for g in range(2)]
 
     groups = await art.gather_trajectory_groups(

@@ -71,7 +71,7 @@ def test_in_test_backend_plugin_is_listed_and_loadable() -> None:
 def test_known_but_missing_backend_says_what_to_install() -> None:
     with pytest.raises(LookupError, match="pip install art-tinker"):
         art.load_backend("tinker")
-    with pytest.raises(LookupError, match="unknown backend 'nope'; installed: none"):
+    with pytest.raises(LookupError, match="unknown backend 'nope'; installed: strict"):
         art.load_backend("nope")
 
 

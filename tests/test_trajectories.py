@@ -66,7 +66,7 @@ def test_check_groups_names_wrong_types() -> None:
     with pytest.raises(TypeError, match="not a single TrajectoryGroup"):
         check_groups(art.TrajectoryGroup([make_trajectory(1.0)]))
     with pytest.raises(TypeError, match=r"\[1\] is a str"):
-        check_groups([art.TrajectoryGroup([]), "oops"])
+        check_groups([art.TrajectoryGroup([make_trajectory(1.0)]), "oops"])
 
 
 async def test_group_over_awaitables_is_awaitable_and_keeps_failures() -> None:
@@ -77,11 +77,25 @@ async def test_group_over_awaitables_is_awaitable_and_keeps_failures() -> None:
         return make_trajectory(float(i))
 
     pending = art.TrajectoryGroup((rollout(i) for i in range(4)), metadata={"scenario_id": "s1"})
-    assert isinstance(pending, art.PendingTrajectoryGroup)
+    assert pending.pending == 4 and len(pending) == 0
+    with pytest.raises(TypeError, match="4 rollouts not awaited"):
+        check_groups([pending])
     group = await pending
+    assert group is pending and group.pending == 0
+    assert await group is group  # awaiting a finished group returns it
     assert sorted(t.reward for t in group) == [0.0, 1.0, 3.0]
     assert len(group.exceptions) == 1 and "env crashed" in group.exceptions[0].message
     assert group.metadata == {"scenario_id": "s1"}
+
+
+def test_a_group_of_finished_trajectories_and_awaitables_mixed_is_refused() -> None:
+    async def rollout() -> art.Trajectory:
+        return make_trajectory(1.0)
+
+    coroutine = rollout()
+    with pytest.raises(TypeError, match="not a mix"):
+        art.TrajectoryGroup([make_trajectory(0.0), coroutine])  # type: ignore[list-item]
+    coroutine.close()
 
 
 def test_choice_objects_are_the_trainable_ones() -> None:

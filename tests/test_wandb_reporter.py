@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ BLOCK = 32 * 1024
 HEADER = 7  # ":W&B" + version; each record: crc32 (4), length (2), type (1)
 
 
-def wandb_history(run_file: Path) -> list[dict[str, Any]]:
-    """History items of an offline run: a LevelDB-style log of protobuf Records."""
+def wandb_records(run_file: Path) -> tuple[list[dict[str, Any]], list[str | None]]:
+    """History items and record kinds of an offline run: a LevelDB-style log of protobuf Records."""
     from wandb.proto import wandb_internal_pb2
 
     data = run_file.read_bytes()
@@ -43,9 +44,11 @@ def wandb_history(run_file: Path) -> list[dict[str, Any]]:
         elif kind == 4:
             records.append(pending + chunk)
     items = []
+    kinds = []
     for raw in records:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
+        kinds.append(record.WhichOneof("record_type"))
         if record.WhichOneof("record_type") == "history":
             items.append(
                 {
@@ -53,7 +56,17 @@ def wandb_history(run_file: Path) -> list[dict[str, Any]]:
                     for item in record.history.item
                 }
             )
-    return items
+    return items, kinds
+
+
+def wandb_history(run_file: Path, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """History items, once wandb's asynchronous writer has flushed the run's exit record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        items, kinds = wandb_records(run_file)
+        if "exit" in kinds or time.monotonic() > deadline:
+            return items
+        time.sleep(0.2)
 
 
 @pytest.fixture
