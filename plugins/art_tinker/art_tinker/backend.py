@@ -12,6 +12,7 @@ import math
 import re
 import secrets
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, get_args
@@ -199,12 +200,18 @@ class TinkerBackend:
 
     async def _delete_checkpoint_files(self, model: TrainableModel, steps_to_keep: list[int]) -> None:
         """Delete every Tinker checkpoint of the model's runs whose step is not kept; stop serving those steps."""
+        import tinker
+
         state = self._state(model)
         keep = set(steps_to_keep)
         if state.record is not None:
             rest = await self._rest_client()
             for model_id in state.record.model_ids:
-                listing = await rest.list_checkpoints(model_id).result_async(REQUEST_TIMEOUT_S)
+                try:
+                    listing = await rest.list_checkpoints(model_id).result_async(REQUEST_TIMEOUT_S)
+                except tinker.NotFoundError:
+                    warnings.warn(f"Tinker has no training run {model_id} any more; nothing to delete there", stacklevel=2)
+                    continue
                 for checkpoint in listing.checkpoints:
                     found = _STEP_NAME.match(checkpoint.checkpoint_id.rsplit("/", 1)[-1])
                     if found and int(found.group(1)) not in keep:

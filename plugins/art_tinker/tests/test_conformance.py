@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from art_core.testing import BackendConformance
 from tinker_harness import Server
 
+from art_core.testing import BackendConformance
 from art_tinker import TinkerBackend
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import art_core as art
 import pytest
 from tinker_harness import Server, rollout_groups
 
+import art_core as art
 from art_tinker import TinkerBackend
 
 # built-in cispo, built-in ppo, and three options only the client-side custom loss can express

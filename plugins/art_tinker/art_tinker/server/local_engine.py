@@ -96,7 +96,7 @@ class LocalEngine:
         targets = lora_targets(lora)
         config = training.TrainerConfig(
             lora_rank=lora.rank,
-            lora_alpha=2.0 * lora.rank,  # scale 2, as art-local's default (rank 8, alpha 16)
+            lora_alpha=2 * lora.rank,  # scale 2, as art-local's default (rank 8, alpha 16)
             lora_targets=tuple(targets),
             seed=0 if lora.seed is None else lora.seed,
             max_sequence_length=1 << 30,
@@ -192,13 +192,12 @@ class LocalEngine:
             return self._samplers[key]
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
         if weights is not None:
             from art_local import training
 
-            model.load_state_dict(training.merged_state_dict_from_checkpoint(base_model, weights))
-        model.to(self.device)
-        model.eval()
+            loaded.load_state_dict(training.merged_state_dict_from_checkpoint(base_model, weights))
+        model: PreTrainedModel = loaded.to(self.device).eval()
         self._samplers[key] = model
         while len(self._samplers) > self._sampler_cache_size:
             self._samplers.popitem(last=False)
