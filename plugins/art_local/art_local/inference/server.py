@@ -52,10 +52,6 @@ def _error(
     return JSONResponse(error_body(message, kind, code, param), status_code=status)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodySizeLimit:
     """ASGI middleware: answers 413 when a request body exceeds ``max_bytes`` (declared or streamed)."""
 
@@ -71,26 +67,31 @@ class BodySizeLimit:
             await self._reject(scope, receive, send)
             return
         seen = 0
-        started = False
+        state = {"started": False, "rejected": False}
 
         async def counting_receive() -> Message:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _BodyTooLarge
-            return message
+            if seen > self.max_bytes and not state["rejected"]:
+                # Answer 413 now and tell the app the client left: frameworks turn errors raised while
+                # reading the body into their own 400, so raising here would lose the status.
+                if not state["started"]:
+                    await self._reject(scope, receive, send)
+                state["rejected"] = True
+            return {"type": "http.disconnect"} if state["rejected"] else message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+        async def guarded_send(message: Message) -> None:
+            if state["rejected"]:
+                return  # the 413 went out already
+            state["started"] = state["started"] or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._reject(scope, receive, send)
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not state["rejected"]:
+                raise
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = _error(

@@ -1,0 +1,168 @@
+"""The KV-cache sampling loop: exact ids and logprobs, left padding, rows joining and leaving, every option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from art_local.inference.engine import SamplingParams
+from art_local.inference.sampling import DecodeBatch, Row, Vocab, decode, sample_rows
+from art_local.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    return build_tiny_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def model(tiny: Path) -> Any:
+    return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def vocab(tiny: Path) -> Vocab:
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    return Vocab(tokenizer, frozenset({tokenizer.eos_token_id}), tokenizer.pad_token_id)
+
+
+def prompt(vocab: Vocab, text: str) -> tuple[int, ...]:
+    rendered = vocab.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+    return tuple(vocab.tokenizer.encode(rendered, add_special_tokens=False))
+
+
+def row(ids: tuple[int, ...], generator: torch.Generator | None = None, **options: Any) -> Row:
+    params = SamplingParams(**{"max_tokens": 12, "temperature": 0.0, "ignore_eos": True, **options})
+    return Row(ids, params, generator, params.max_tokens)
+
+
+def full_logprobs(model: Any, ids: tuple[int, ...], completion: tuple[int, ...]) -> torch.Tensor:
+    """log π(completion_t | prefix) from one plain forward over prompt + completion."""
+    with torch.no_grad():
+        logits = model(torch.tensor([list(ids) + list(completion)])).logits[0].float()
+    picked = logits.log_softmax(-1)[len(ids) - 1 : -1]
+    return picked.gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
+
+
+def test_greedy_batch_of_different_lengths_matches_generate_and_full_forward(
+    model: Any, vocab: Vocab
+) -> None:
+    prompts = [prompt(vocab, t) for t in ("hi", "Sort these letters: c a b", "What is 12 + 30? " * 3)]
+    completions = sample_rows(model, vocab, [row(p) for p in prompts])
+    for ids, completion in zip(prompts, completions, strict=True):
+        reference = model.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(ids) :]
+        assert completion.token_ids == tuple(reference.tolist())
+        assert completion.finish_reason == "length" and len(completion.logprobs) == 12
+        expected = full_logprobs(model, ids, completion.token_ids)
+        assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-5)
+
+
+def test_logprobs_are_untempered_and_top_logprobs_rank_the_same_distribution(
+    model: Any, vocab: Vocab
+) -> None:
+    ids = prompt(vocab, "hello")
+    generator = torch.Generator().manual_seed(3)
+    (completion,) = sample_rows(
+        model, vocab, [row(ids, generator, temperature=0.4, top_p=0.9, top_logprobs=5)]
+    )
+    expected = full_logprobs(model, ids, completion.token_ids)
+    assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-5)  # temperature 1, not 0.4
+    for top, chosen in zip(completion.top_logprobs, completion.logprobs, strict=True):
+        values = [lp for _, lp in top]
+        assert len(top) == 5 and values == sorted(values, reverse=True)
+        assert values[0] >= chosen - 1e-6
+
+
+def test_rows_joining_a_running_batch_get_exactly_their_solo_results(model: Any, vocab: Vocab) -> None:
+    first = [prompt(vocab, "a short one"), prompt(vocab, "What is 1 + 2? " * 4)]
+    late = [prompt(vocab, "What is 40 + 2? " * 6), prompt(vocab, "x")]
+    solo = {ids: sample_rows(model, vocab, [row(ids, max_tokens=10)])[0] for ids in first + late}
+    batch = DecodeBatch(model, vocab)
+    batch.admit([row(ids, max_tokens=10) for ids in first], first)
+    results = {}
+    for _ in range(4):
+        results.update(batch.step())
+    batch.admit([row(ids, max_tokens=10) for ids in late], late)  # longer prompt than the running cache
+    while len(batch):
+        results.update(batch.step())
+    for ids, completion in solo.items():
+        assert results[ids].token_ids == completion.token_ids
+        assert torch.allclose(
+            torch.tensor(results[ids].logprobs), torch.tensor(completion.logprobs), atol=1e-5
+        )
+
+
+def test_finished_rows_leave_and_padding_columns_are_trimmed(model: Any, vocab: Vocab) -> None:
+    long_prompt, short_prompt = prompt(vocab, "What is 7 + 8? " * 8), prompt(vocab, "hi")
+    batch = DecodeBatch(model, vocab)
+    batch.admit([row(long_prompt, max_tokens=2), row(short_prompt, max_tokens=9)], ["long", "short"])
+    width_before = batch.mask_BT.shape[-1]
+    results = dict(batch.step())
+    results.update(batch.step())  # the long row finishes here and leaves
+    assert len(batch) == 1 and batch.mask_BT.shape[-1] < width_before  # its padding went with it
+    assert batch.mask_BT.shape[-1] == len(short_prompt) + 2
+    while len(batch):
+        results.update(batch.step())
+    assert len(results["long"].token_ids) == 2 and len(results["short"].token_ids) == 9
+    assert (
+        results["short"].token_ids
+        == sample_rows(model, vocab, [row(short_prompt, max_tokens=9)])[0].token_ids
+    )
+
+
+def test_seed_reproduces_a_sample_alone_or_in_company_and_seeds_differ(model: Any, vocab: Vocab) -> None:
+    ids = prompt(vocab, "hello")
+
+    def seeded(seed: int) -> Row:
+        return row(ids, torch.Generator().manual_seed(seed), temperature=1.0, max_tokens=16)
+
+    alone = sample_rows(model, vocab, [seeded(7)])[0]
+    crowded = sample_rows(model, vocab, [row(prompt(vocab, "other")), seeded(7), seeded(8)])
+    assert crowded[1].token_ids == alone.token_ids
+    assert crowded[2].token_ids != alone.token_ids
+
+
+def test_tiny_top_p_is_greedy(model: Any, vocab: Vocab) -> None:
+    ids = prompt(vocab, "Sort these letters: e d f")
+    greedy = sample_rows(model, vocab, [row(ids)])[0]
+    nucleus = sample_rows(
+        model, vocab, [row(ids, torch.Generator().manual_seed(1), temperature=1.0, top_p=1e-6)]
+    )[0]
+    assert nucleus.token_ids == greedy.token_ids
+
+
+def test_stop_string_cuts_the_text_and_ends_the_completion(model: Any, vocab: Vocab) -> None:
+    ids = prompt(vocab, "What is 3 + 4?")
+    free = sample_rows(model, vocab, [row(ids, max_tokens=24)])[0]
+    pieces = [decode(vocab.tokenizer, [t]) for t in free.token_ids]
+    k = next(i for i, p in enumerate(pieces) if i >= 3 and p.strip().isalnum())
+    stop = pieces[k].strip()
+    stopped = sample_rows(model, vocab, [row(ids, max_tokens=24, stop=(stop,))])[0]
+    assert stopped.finish_reason == "stop"
+    assert (
+        free.token_ids[: len(stopped.token_ids)] == stopped.token_ids
+    )  # the exact sampled ids, cut at the stop
+    full_text = decode(vocab.tokenizer, free.token_ids)
+    assert stopped.text == full_text[: full_text.index(stop)]
+    assert stop in decode(vocab.tokenizer, stopped.token_ids)
+
+
+def test_eos_ends_with_stop_keeps_the_eos_id_and_drops_it_from_the_text(model: Any, vocab: Vocab) -> None:
+    ids = prompt(vocab, "hello")
+    free = sample_rows(model, vocab, [row(ids, max_tokens=8)])[0]
+    eos = free.token_ids[4]  # pretend the 5th greedy token ends the turn
+    ending = Vocab(vocab.tokenizer, frozenset({eos}), vocab.pad_token_id)
+    first = free.token_ids.index(eos)
+    stopped = sample_rows(model, ending, [row(ids, max_tokens=8, ignore_eos=False)])[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[: first + 1]
+    assert stopped.text == decode(vocab.tokenizer, free.token_ids[:first])
+    ignoring = sample_rows(model, ending, [row(ids, max_tokens=8, ignore_eos=True)])[0]
+    assert ignoring.token_ids == free.token_ids and ignoring.finish_reason == "length"
