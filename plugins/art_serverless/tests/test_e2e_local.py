@@ -25,8 +25,21 @@ PROMPTS = ["count to three", "name a colour"]
 def art_serve(data_dir: Path, key_file: Path) -> ProcessServer:
     """The real CLI: the ``art`` launcher with the sub-command this plugin contributes."""
     launcher = Path(sys.executable).with_name("art")
-    argv = [str(launcher), "serverless", "serve", "--backend", "local", "--host", "127.0.0.1", "--port", "0",
-            "--api-key-file", str(key_file), "--data-dir", str(data_dir)]
+    argv = [
+        str(launcher),
+        "serverless",
+        "serve",
+        "--backend",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--api-key-file",
+        str(key_file),
+        "--data-dir",
+        str(data_dir),
+    ]
     return ProcessServer(argv, env={"ART_LOAD_PLUGINS": "local,serverless"}, ready_timeout=180)
 
 
@@ -34,13 +47,19 @@ async def rollout(model: art.TrainableModel, prompt: str) -> art.Trajectory:
     """One sampled answer through the server's /v1/chat/completions, rewarded by its length."""
     messages = [{"role": "user", "content": prompt}]
     response = await model.openai_client().chat.completions.create(
-        model=model.get_inference_name(), messages=messages, logprobs=True, max_tokens=8, temperature=1.0  # type: ignore[arg-type]
+        model=model.get_inference_name(),
+        messages=messages,
+        logprobs=True,
+        max_tokens=8,
+        temperature=1.0,  # type: ignore[arg-type]
     )
     assert response.model == model.get_inference_name()
     choice = response.choices[0]
     assert choice.logprobs is not None and choice.logprobs.content
     assert all(entry.token.startswith("token_id:") for entry in choice.logprobs.content)
-    return art.Trajectory(messages_and_choices=[*messages, choice], reward=float(len(choice.message.content or "")))
+    return art.Trajectory(
+        messages_and_choices=[*messages, choice], reward=float(len(choice.message.content or ""))
+    )
 
 
 async def test_three_rl_steps_through_a_self_hosted_server(tmp_path: Path) -> None:
@@ -53,7 +72,11 @@ async def test_three_rl_steps_through_a_self_hosted_server(tmp_path: Path) -> No
     try:
         backend = ServerlessBackend(KEY, server.url, poll_interval=0.2, no_progress_timeout=300)
         model = art.TrainableModel(
-            name="e2e", project="serverless", base_model=str(tiny), base_path=str(tmp_path / "client"), report_metrics=[]
+            name="e2e",
+            project="serverless",
+            base_model=str(tiny),
+            base_path=str(tmp_path / "client"),
+            report_metrics=[],
         )
         await model.register(backend)
         assert model.entity == "local" and model.id is not None
@@ -67,13 +90,20 @@ async def test_three_rl_steps_through_a_self_hosted_server(tmp_path: Path) -> No
             results.append(result)
         assert [r.step for r in results] == [1, 2, 3]
         assert results[-1].artifact_name == "local/serverless/e2e:step3"
-        assert all("loss/grad_norm" in r.metrics and r.metrics["data/step_num_groups_submitted"] == 2 for r in results)
+        assert all(
+            "loss/grad_norm" in r.metrics and r.metrics["data/step_num_groups_submitted"] == 2
+            for r in results
+        )
         assert [record["step"] for record in model.read_history()] == [1, 2, 3]
         assert (model.output_dir() / "trajectories" / "train" / "0003.parquet").exists()
 
         checkpoints_dir = data_dir / "backend" / "serverless" / "models" / model.id / "checkpoints"
         assert [c.step for c in await backend.list_checkpoints(model)] == [1, 2, 3]
-        assert sorted(p.name for p in checkpoints_dir.iterdir() if p.name.isdigit()) == ["0001", "0002", "0003"]
+        assert sorted(p.name for p in checkpoints_dir.iterdir() if p.name.isdigit()) == [
+            "0001",
+            "0002",
+            "0003",
+        ]
         kept = await model.delete_checkpoints("train/reward")
         assert 3 in kept and [c.step for c in await backend.list_checkpoints(model)] == kept
         assert sorted(int(p.name) for p in checkpoints_dir.iterdir() if p.name.isdigit()) == kept
@@ -81,7 +111,9 @@ async def test_three_rl_steps_through_a_self_hosted_server(tmp_path: Path) -> No
         gone = next(step for step in (1, 2) if step not in kept)
         with pytest.raises(openai.NotFoundError, match=f"e2e:step{gone}"):
             await client.chat.completions.create(
-                model=model.get_inference_name(gone), messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                model=model.get_inference_name(gone),
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=2,
             )
         answer = await client.chat.completions.create(
             model=model.get_inference_name(3), messages=[{"role": "user", "content": "hi"}], max_tokens=2
@@ -99,7 +131,11 @@ async def test_three_rl_steps_through_a_self_hosted_server(tmp_path: Path) -> No
     try:
         backend = ServerlessBackend(KEY, restarted.url, poll_interval=0.2, progress=False)
         again = art.TrainableModel(
-            name="e2e", project="serverless", base_model=str(tiny), base_path=str(tmp_path / "client"), report_metrics=[]
+            name="e2e",
+            project="serverless",
+            base_model=str(tiny),
+            base_path=str(tmp_path / "client"),
+            report_metrics=[],
         )
         await again.register(backend)
         assert again.id == model.id and await again.get_step() == 3

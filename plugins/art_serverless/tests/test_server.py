@@ -256,7 +256,9 @@ async def test_inference_is_proxied_with_names_mapped_both_ways(served: Served, 
     assert {c.model for c in chunks} == {"wandb-artifact:///local/proj/agent-001:step1"}
     import openai
 
-    with pytest.raises(openai.NotFoundError, match=r"wandb-artifact:///local/proj/agent-001:step7") as missing:
+    with pytest.raises(
+        openai.NotFoundError, match=r"wandb-artifact:///local/proj/agent-001:step7"
+    ) as missing:
         await client.chat.completions.create(
             model=trainable.get_inference_name(7), messages=[{"role": "user", "content": "x"}]
         )
