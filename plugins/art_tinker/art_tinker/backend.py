@@ -210,7 +210,10 @@ class TinkerBackend:
                 try:
                     listing = await rest.list_checkpoints(model_id).result_async(REQUEST_TIMEOUT_S)
                 except tinker.NotFoundError:
-                    warnings.warn(f"Tinker has no training run {model_id} any more; nothing to delete there", stacklevel=2)
+                    warnings.warn(
+                        f"Tinker has no training run {model_id} any more; nothing to delete there",
+                        stacklevel=2,
+                    )
                     continue
                 for checkpoint in listing.checkpoints:
                     found = _STEP_NAME.match(checkpoint.checkpoint_id.rsplit("/", 1)[-1])

@@ -66,7 +66,11 @@ def serve(config: ServerConfig, *, log_level: str = "warning") -> None:
 
     threading.Thread(target=_warm_up, name="tinker-warm-up", daemon=True).start()
     app = build_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level))
+    # long-polls hold connections for up to long_poll_s: do not let them delay a shutdown for longer than this
+    settings = uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(settings)
 
     async def run() -> None:
         task = asyncio.create_task(server.serve())
