@@ -153,14 +153,15 @@ class LocalBackend:
 
         directory = _checkpoints_dir(model)
         keep = set(steps_to_keep)
+        slot = self._slots.get(model.name)
+        if slot is not None and slot.served and self._service is not None:
+            # before the files go: the server stops serving (vLLM: unloads) these steps while they still exist
+            await self._service.forget_steps(model.name, keep)
         for step in checkpoint_steps(directory):
             if step not in keep:
                 doomed = directory / f".old-{step:04d}-{os.getpid()}"
                 os.rename(directory / f"{step:04d}", doomed)  # gone from get_step's view at once
                 await asyncio.to_thread(shutil.rmtree, doomed, True)
-        slot = self._slots.get(model.name)
-        if slot is not None and slot.served and self._service is not None:
-            await self._service.forget_steps(model.name, keep)
 
     def _model_inference_name(self, model: Model, step: int | None = None) -> str:
         return model.name if step is None else f"{model.name}@{step}"
@@ -177,12 +178,17 @@ class LocalBackend:
             weights = (
                 await asyncio.to_thread(merged_state_dict, slot.components) if slot.state.step > 0 else None
             )
+            latest = _checkpoints_dir(model) / f"{slot.state.step:04d}"
             await service.add_model(
                 model.name,
                 base_model=slot.components.base_model,
                 step=slot.state.step,
                 weights=weights,
                 load_step=functools.partial(self._step_weights, model),
+                # a resumed LoRA step: the vLLM engine serves it from its adapter directory
+                adapter_dir=latest
+                if weights is not None and slot.components.is_lora and latest.is_dir()
+                else None,
             )
             slot.served = True
         return service.base_url, service.api_key

@@ -119,6 +119,7 @@ async def test_old_steps_are_evicted_then_reloaded_on_demand_and_forgotten_steps
     service = InferenceService(engine="hf", device="cpu")
     await service.add_model("agent", base_model=tiny, step=0, weights=None, load_step=load_step)
     client = client_for(service)
+    base = await greedy(client, "agent@0")
     for step in range(1, 5):
         await service.publish("agent", step, kept[step])
     outputs = {step: await greedy(client, f"agent@{step}") for step in (4, 3, 2)}
@@ -131,12 +132,16 @@ async def test_old_steps_are_evicted_then_reloaded_on_demand_and_forgotten_steps
     reloaded = await greedy(client, "agent@1")
     assert calls == [1] and reloaded not in outputs.values()
     assert await greedy(client, "agent@2") == outputs[2]
+    assert await greedy(client, "agent@0") == base  # not kept as a checkpoint: step 0 is the base model
+    assert calls == [1, 0]
     await service.forget_steps("agent", keep=[2, 4])
     with pytest.raises(openai.NotFoundError):
         await greedy(client, "agent@1")
     with pytest.raises(openai.NotFoundError):
         await greedy(client, "agent@3")
-    assert calls == [1]  # forgotten steps are refused without asking for their weights
+    with pytest.raises(openai.NotFoundError):
+        await greedy(client, "agent@0")
+    assert calls == [1, 0]  # forgotten steps are refused without asking for their weights
     assert await greedy(client, "agent") == outputs[4]
     await client.close()
     await service.close()

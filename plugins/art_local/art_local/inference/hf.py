@@ -420,6 +420,8 @@ class HFEngine:
                 if step in entry.modules:
                     return entry.modules[step]
             weights = entry.load_step(step)
+            if weights is None and step == 0:  # step 0 is the base model by definition
+                weights = self._base_weights(entry)
             if weights is None:
                 raise UnknownModelError(model, [m.name for m in self.served_models()])
             module = self._build(entry, weights)

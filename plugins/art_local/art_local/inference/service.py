@@ -162,11 +162,22 @@ class InferenceService:
         step: int,
         weights: Mapping[str, torch.Tensor] | None,
         load_step: Callable[[int], Mapping[str, torch.Tensor] | None],
+        adapter_dir: Path | None = None,
     ) -> None:
-        """Serve ``name`` (latest) and ``name@{step}``; registering the same name again is a no-op."""
+        """Serve ``name`` (latest) and ``name@{step}``; registering the same name again is a no-op.
+
+        ``weights`` is the merged state dict of ``step`` (None: the base weights); ``load_step(s)`` gives the
+        merged weights of an older kept step on demand (None when it was not kept; step 0 falls back to the
+        base weights); ``adapter_dir`` is the step's peft adapter directory when one was saved (vLLM needs it).
+        """
         await self.start()
         await self.engine.add_model(
-            name, base_model=base_model, step=step, weights=weights, load_step=load_step
+            name,
+            base_model=base_model,
+            step=step,
+            weights=weights,
+            load_step=load_step,
+            adapter_dir=adapter_dir,
         )
 
     async def publish(
