@@ -229,6 +229,10 @@ def test_recovery_fails_running_jobs_and_requeues_queued_ones(tmp_path: Path) ->
     assert reopened.get_job(running.id).status == "failed"
     reopened.fail_job(running.id, "twice")  # a finished job never gets a second terminal event
     assert len(reopened.list_events(running.id, None, 10)[0]) == 2
+    # a step the backend finished while the server went down is recorded before the next job runs
+    assert reopened.note_backend_step(row.id, 1) and not reopened.note_backend_step(row.id, 1)
+    assert not reopened.note_backend_step(row.id, 0)
+    assert reopened.checkpoint_steps(row.id) == [1]
     reopened.close()
 
 

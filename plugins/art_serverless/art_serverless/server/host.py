@@ -163,6 +163,11 @@ class BackendHost:
         model = await self.model(row)
         return await self.call(lambda backend: backend.train(model, groups, **options))
 
+    async def step(self, row: ModelRow) -> int:
+        """``backend._get_step(model)``."""
+        model = await self.model(row)
+        return await self.call(lambda backend: backend._get_step(model))
+
     async def delete_checkpoints(self, row: ModelRow, steps_to_keep: list[int]) -> None:
         """``backend._delete_checkpoint_files(model, steps_to_keep)``."""
         model = await self.model(row)

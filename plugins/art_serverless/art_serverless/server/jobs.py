@@ -86,6 +86,10 @@ class JobRunner:
             request = json.loads(job.request)
             groups = [TrajectoryGroup.model_validate(group) for group in request["trajectory_groups"]]
             row = await _db(self._store.get_model, job.model_id)
+            if await _db(self._store.note_backend_step, row.id, await self._host.step(row)):
+                logger.warning(
+                    "model %s: recorded a checkpoint the store had missed before job %s", row.id, job.id
+                )
             await _db(self._store.start_job, job.id, EXPECTED_GRADIENT_STEPS)
             result = await self._host.train(row, groups, request["options"])
             await _db(

@@ -370,6 +370,21 @@ class Store:
             ).fetchall()
         return [row[0] for row in rows]
 
+    def note_backend_step(self, model_id: str, step: int) -> bool:
+        """Record a checkpoint the backend has but the store missed (a step finished while the server was going
+        down), when it is newer than every recorded one; True when one was added. Its metrics are unknown."""
+        with self._transaction() as db:
+            latest = db.execute(
+                "SELECT MAX(step) FROM checkpoints WHERE model_id = ?", (model_id,)
+            ).fetchone()[0]
+            if step <= 0 or (latest is not None and step <= latest):
+                return False
+            db.execute(
+                "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                (_new_id("ckpt"), model_id, step, "{}", time.time()),
+            )
+            return True
+
     def delete_checkpoint_records(self, model_id: str, steps: list[int]) -> int:
         """Drop the records of these steps; the number dropped."""
         with self._transaction() as db:
