@@ -68,23 +68,43 @@ async def _parse(request: Request, model: type[M], max_body_bytes: int) -> M:
         raise UserError(f"{model.__name__} is malformed: {problems}") from None
 
 
+class _Routes:
+    """Registers handlers under ``/api/v1`` with JSON errors; ``parse`` reads a body as an SDK request type."""
+
+    def __init__(self, app: FastAPI, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    def __call__(self, method: str, path: str) -> Callable[[Callable[..., Awaitable[Any]]], Any]:
+        def register(handler: Callable[..., Awaitable[Any]]) -> Any:
+            async def endpoint(request: Request) -> Response:
+                try:
+                    result = await handler(request, **request.path_params)
+                except UserError as error:
+                    return _error(error.status_code, error.kind, str(error))
+                return result if isinstance(result, Response) else JSONResponse(result)
+
+            endpoint.__name__ = handler.__name__
+            self.app.add_api_route(API_PREFIX + path, endpoint, methods=[method])
+            return handler
+
+        return register
+
+    async def parse(self, request: Request, model: type[M]) -> M:
+        return await _parse(request, model, self.max_body_bytes)
+
+    async def body(self, request: Request) -> bytes:
+        return await _body(request, self.max_body_bytes)
+
+
 def create_app(service: TinkerService, *, api_key: str, max_body_bytes: int = 512 * 1024 * 1024) -> FastAPI:
-    """The Tinker-API app; every ``/api/v1`` route requires ``X-API-Key: api_key``."""
+    """The Tinker-API app; every ``/api/v1`` route but ``healthz`` requires ``X-API-Key: api_key``."""
     if not api_key.startswith("tml-"):
         raise ValueError("the server's api_key must start with 'tml-' (the tinker SDK refuses other keys)")
     expected = api_key.encode()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async def housekeeping() -> None:
-            while True:
-                await asyncio.sleep(HOUSEKEEPING_PERIOD_S)
-                try:
-                    await service.housekeeping()
-                except Exception:
-                    logger.exception("housekeeping failed")
-
-        task = asyncio.create_task(housekeeping())
+        task = asyncio.create_task(_housekeeping(service))
         try:
             yield
         finally:
@@ -106,103 +126,59 @@ def create_app(service: TinkerService, *, api_key: str, max_body_bytes: int = 51
         except UserError as error:
             return _error(error.status_code, error.kind, str(error))
 
-    def route(method: str, path: str) -> Callable[[Callable[..., Awaitable[Any]]], Any]:
-        def register(handler: Callable[..., Awaitable[Any]]) -> Any:
-            async def endpoint(request: Request) -> Response:
-                try:
-                    result = await handler(request, **request.path_params)
-                except UserError as error:
-                    return _error(error.status_code, error.kind, str(error))
-                return result if isinstance(result, Response) else JSONResponse(result)
+    routes = _Routes(app, max_body_bytes)
+    _session_routes(routes, service)
+    _training_routes(routes, service)
+    _sampling_routes(routes, service)
+    return app
 
-            endpoint.__name__ = handler.__name__
-            app.add_api_route(API_PREFIX + path, endpoint, methods=[method])
-            return handler
 
-        return register
+async def _housekeeping(service: TinkerService) -> None:
+    while True:
+        await asyncio.sleep(HOUSEKEEPING_PERIOD_S)
+        try:
+            await service.housekeeping()
+        except Exception:
+            logger.exception("housekeeping failed")
 
-    async def parse(request: Request, model: type[M]) -> M:
-        return await _parse(request, model, max_body_bytes)
 
+def _session_routes(route: _Routes, service: TinkerService) -> None:
     @route("GET", "/healthz")
     async def healthz(request: Request) -> Any:
         return {"status": "ok"}
 
     @route("POST", "/client/config")
     async def client_config(request: Request) -> Any:
-        await parse(request, types.ClientConfigRequest)
+        await route.parse(request, types.ClientConfigRequest)
         return CLIENT_CONFIG
 
     @route("POST", "/client/dynamic_config")
     async def client_dynamic_config(request: Request) -> Any:
-        await parse(request, types.ClientConfigRequest)
+        await route.parse(request, types.ClientConfigRequest)
         return DYNAMIC_CONFIG
 
     @route("POST", "/create_session")
     async def create_session(request: Request) -> Any:
-        return service.create_session(await parse(request, types.CreateSessionRequest))
+        return service.create_session(await route.parse(request, types.CreateSessionRequest))
 
     @route("POST", "/session_heartbeat")
     async def session_heartbeat(request: Request) -> Any:
-        return service.heartbeat((await parse(request, types.SessionHeartbeatRequest)).session_id)
+        return service.heartbeat((await route.parse(request, types.SessionHeartbeatRequest)).session_id)
 
     @route("POST", "/sessions/{session_id}/finish")
     async def finish_session(request: Request, session_id: str) -> Any:
-        await _body(request, max_body_bytes)
+        await route.body(request)
         await service.finish_session(session_id)
         return None
 
     @route("POST", "/telemetry")
     async def telemetry(request: Request) -> Any:
-        await _body(request, max_body_bytes)  # accepted and dropped: nothing leaves this machine
+        await route.body(request)  # accepted and dropped: nothing leaves this machine
         return {"status": "accepted"}
-
-    @route("POST", "/create_model")
-    async def create_model(request: Request) -> Any:
-        return service.create_model(await parse(request, types.CreateModelRequest))
-
-    @route("POST", "/get_info")
-    async def get_info(request: Request) -> Any:
-        return service.get_info(await parse(request, types.GetInfoRequest))
-
-    @route("POST", "/forward_backward")
-    async def forward_backward(request: Request) -> Any:
-        content_type = request.headers.get("content-type", "")
-        if PROTOBUF not in content_type:
-            raise UserError(f"forward_backward takes {PROTOBUF}, not {content_type or 'no content type'}")
-        return service.forward_backward(decode_forward_backward(await _body(request, max_body_bytes)))
-
-    @route("POST", "/optim_step")
-    async def optim_step(request: Request) -> Any:
-        return service.optim_step(await parse(request, types.OptimStepRequest))
-
-    @route("POST", "/save_weights")
-    async def save_weights(request: Request) -> Any:
-        return service.save_weights(await parse(request, types.SaveWeightsRequest))
-
-    @route("POST", "/save_weights_for_sampler")
-    async def save_weights_for_sampler(request: Request) -> Any:
-        return service.save_weights_for_sampler(await parse(request, types.SaveWeightsForSamplerRequest))
-
-    @route("POST", "/load_weights")
-    async def load_weights(request: Request) -> Any:
-        return service.load_weights(await parse(request, types.LoadWeightsRequest))
-
-    @route("POST", "/create_sampling_session")
-    async def create_sampling_session(request: Request) -> Any:
-        return service.create_sampling_session(await parse(request, types.CreateSamplingSessionRequest))
-
-    @route("GET", "/samplers/{sampler_id}")
-    async def get_sampler(request: Request, sampler_id: str) -> Any:
-        return service.get_sampler(sampler_id)
-
-    @route("POST", "/asample")
-    async def asample(request: Request) -> Any:
-        return service.asample(await parse(request, types.SampleRequest))
 
     @route("POST", "/retrieve_future")
     async def retrieve_future(request: Request) -> Any:
-        wanted = await parse(request, types.FutureRetrieveRequest)
+        wanted = await route.parse(request, types.FutureRetrieveRequest)
         outcome = await service.retrieve(wanted.request_id)
         if outcome is None:
             return {"type": "try_again", "request_id": wanted.request_id, "queue_state": "active"}
@@ -213,6 +189,41 @@ def create_app(service: TinkerService, *, api_key: str, max_body_bytes: int = 51
         assert isinstance(outcome, JsonResult)
         return outcome.payload
 
+
+def _training_routes(route: _Routes, service: TinkerService) -> None:
+    @route("POST", "/create_model")
+    async def create_model(request: Request) -> Any:
+        return service.create_model(await route.parse(request, types.CreateModelRequest))
+
+    @route("POST", "/get_info")
+    async def get_info(request: Request) -> Any:
+        return service.get_info(await route.parse(request, types.GetInfoRequest))
+
+    @route("POST", "/forward_backward")
+    async def forward_backward(request: Request) -> Any:
+        content_type = request.headers.get("content-type", "")
+        if PROTOBUF not in content_type:
+            raise UserError(f"forward_backward takes {PROTOBUF}, not {content_type or 'no content type'}")
+        return service.forward_backward(decode_forward_backward(await route.body(request)))
+
+    @route("POST", "/optim_step")
+    async def optim_step(request: Request) -> Any:
+        return service.optim_step(await route.parse(request, types.OptimStepRequest))
+
+    @route("POST", "/save_weights")
+    async def save_weights(request: Request) -> Any:
+        return service.save_weights(await route.parse(request, types.SaveWeightsRequest))
+
+    @route("POST", "/save_weights_for_sampler")
+    async def save_weights_for_sampler(request: Request) -> Any:
+        return service.save_weights_for_sampler(
+            await route.parse(request, types.SaveWeightsForSamplerRequest)
+        )
+
+    @route("POST", "/load_weights")
+    async def load_weights(request: Request) -> Any:
+        return service.load_weights(await route.parse(request, types.LoadWeightsRequest))
+
     @route("GET", "/training_runs/{model_id}/checkpoints")
     async def list_checkpoints(request: Request, model_id: str) -> Any:
         return service.list_checkpoints(model_id)
@@ -222,4 +233,16 @@ def create_app(service: TinkerService, *, api_key: str, max_body_bytes: int = 51
         service.delete_checkpoint(model_id, checkpoint_id)
         return None
 
-    return app
+
+def _sampling_routes(route: _Routes, service: TinkerService) -> None:
+    @route("POST", "/create_sampling_session")
+    async def create_sampling_session(request: Request) -> Any:
+        return service.create_sampling_session(await route.parse(request, types.CreateSamplingSessionRequest))
+
+    @route("GET", "/samplers/{sampler_id}")
+    async def get_sampler(request: Request, sampler_id: str) -> Any:
+        return service.get_sampler(sampler_id)
+
+    @route("POST", "/asample")
+    async def asample(request: Request) -> Any:
+        return service.asample(await route.parse(request, types.SampleRequest))

@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 
 from tinker import types
 
-from art_tinker.server.engine import AdamSpec, Engine, SampleSpec, TrainerHandle
+from art_tinker.server.checks import check_optimizer, check_sample_request, sample_spec
+from art_tinker.server.engine import AdamSpec, Engine, TrainerHandle
 from art_tinker.server.errors import Gone, NotFound, UserError
 from art_tinker.server.futures import Failure, FutureTable, JsonResult, Outcome, ProtoResult, SeqGate
 from art_tinker.server.store import (
@@ -39,7 +40,6 @@ from art_tinker.server.wire import ForwardBackwardCall, encode_forward_backward_
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-MAX_SAMPLES_PER_REQUEST = 256
 
 
 @dataclass
@@ -198,7 +198,7 @@ class TinkerService:
             raise UserError(
                 f"lora_config {lora!r} needs rank >= 1 and one of train_mlp/train_attn/train_unembed"
             )
-        _check_optimizer(request.optimizer_config)
+        check_optimizer(request.optimizer_config)
         self.engine.resolve_base_model(request.base_model)
         spec = LoraSpec(lora.rank, lora.seed, lora.train_mlp, lora.train_attn, lora.train_unembed)
         model = self._new_model(session, request.model_seq_id, request.base_model, spec)
@@ -318,7 +318,7 @@ class TinkerService:
         return ref, self.store.existing(ref)
 
     def load_weights(self, request: types.LoadWeightsRequest) -> dict[str, Any]:
-        _check_optimizer(request.optimizer_config)
+        check_optimizer(request.optimizer_config)
         ref, directory = self._training_checkpoint(request.path)
         if request.model_id is not None:
             model = self.model(request.model_id)
@@ -397,12 +397,12 @@ class TinkerService:
                 )
         else:
             sampler = self._resolve_sampler("adhoc", request.base_model, request.model_path)
-        _check_sample_request(request)
+        check_sample_request(request)
         try:
             prompt = request.prompt.to_ints()
         except ValueError as error:
             raise UserError(f"prompt: {error}") from None
-        spec = self._sample_spec(sampler.base_model, request.sampling_params)
+        spec = sample_spec(request.sampling_params, self.engine.eos_token_ids(sampler.base_model))
         want_prompt_logprobs = bool(request.prompt_logprobs)
         last_n = request.prompt_logprobs_last_n
 
@@ -426,35 +426,6 @@ class TinkerService:
             "sample_sequence_ids": [f"{request_id}:{i}" for i in range(request.num_samples)],
         }
 
-    def _sample_spec(self, base_model: str, params: types.SamplingParams) -> SampleSpec:
-        # None: EOS ends a sample; []: nothing does (until max_tokens); strings or ids: those, and EOS too.
-        stop = [params.stop] if isinstance(params.stop, str) else params.stop
-        stop_tokens: tuple[int, ...] = (
-            () if stop is not None and len(stop) == 0 else self.engine.eos_token_ids(base_model)
-        )
-        stop_strings: tuple[str, ...] = ()
-        if stop and all(isinstance(s, int) for s in stop):
-            stop_tokens = (*stop_tokens, *(int(s) for s in stop))
-        elif stop and all(isinstance(s, str) for s in stop):
-            stop_strings = tuple(str(s) for s in stop)
-        elif stop:
-            raise UserError(f"sampling_params.stop {stop!r} mixes strings and token ids; use one kind")
-        if params.max_tokens is not None and params.max_tokens < 1:
-            raise UserError(f"sampling_params.max_tokens={params.max_tokens} must be >= 1")
-        if params.temperature < 0 or not 0 < params.top_p <= 1:
-            raise UserError(
-                f"temperature={params.temperature} must be >= 0 and top_p={params.top_p} in (0, 1]"
-            )
-        return SampleSpec(
-            max_tokens=params.max_tokens or 0,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            seed=params.seed,
-            stop_tokens=stop_tokens,
-            stop_strings=stop_strings,
-        )
-
     # -- futures and checkpoints ----------------------------------------------------------------------------
 
     async def retrieve(self, request_id: str) -> Outcome | None:
@@ -472,26 +443,6 @@ class TinkerService:
 
 def _mid(model: LiveModel) -> dict[str, str]:
     return {"model_id": model.run.model_id}
-
-
-def _check_optimizer(config: types.OptimizerConfig | None) -> None:
-    if config is not None and getattr(config, "type", "adamw") != "adamw":
-        raise UserError(f"optimizer {config.type!r} is not supported here; use AdamW (the default)")
-
-
-def _check_sample_request(request: types.SampleRequest) -> None:
-    if not 1 <= request.num_samples <= MAX_SAMPLES_PER_REQUEST:
-        raise UserError(f"num_samples={request.num_samples} must be between 1 and {MAX_SAMPLES_PER_REQUEST}")
-    unsupported = {
-        "topk_prompt_logprobs": request.topk_prompt_logprobs > 0,
-        "topk_sample_logprobs": request.topk_sample_logprobs > 0,
-        "target_prompt_logprobs": request.target_prompt_logprobs is not None,
-        "prompt_alt_tokens_k": request.prompt_alt_tokens_k > 0,
-        "record_stability_info": bool(request.record_stability_info),
-    }
-    named = [name for name, asked in unsupported.items() if asked]
-    if named:
-        raise UserError(f"{', '.join(named)} not supported by the art loopback server; leave them unset")
 
 
 __all__ = ["Failure", "TinkerService"]
