@@ -5,25 +5,26 @@ unmerged adapter and publishing a step never touches weights a running batch rea
 on the module they started with. ``name`` always maps to the latest step; older steps stay in a small LRU and
 are reloaded on demand through the ``load_step`` callback.
 
-Requests that arrive within ``batch_window_s`` of each other are sampled together (``sampling.sample_rows``) by
-one worker thread, so the HTTP server's event loop stays free while the model runs.
+Requests are batched continuously (``batching.BatchWorker``): those arriving while a batch decodes join it at
+the next step, and an idle worker waits ``batch_window_s`` for company. The model runs in that worker thread,
+so the HTTP server's event loop stays free.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from art_local.inference.batching import BatchWorker, Job
 from art_local.inference.engine import (
     Completion,
     SamplingParams,
@@ -31,7 +32,7 @@ from art_local.inference.engine import (
     UnknownModelError,
     split_step_name,
 )
-from art_local.inference.sampling import DecodeBatch, Row, Vocab
+from art_local.inference.sampling import Row, Vocab
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -116,145 +117,6 @@ class _Entry:
     )  # LRU order, latest pinned
     forgotten: set[int] = field(default_factory=set)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass
-class _Job:
-    """One request: ``len(rows)`` sequences (its ``n``) whose completions settle one future."""
-
-    module: PreTrainedModel
-    vocab: Vocab
-    rows: list[Row]
-    future: asyncio.Future[list[Completion]]
-    loop: asyncio.AbstractEventLoop
-    done: dict[int, Completion] = field(default_factory=dict)
-
-
-def _settle(job: _Job, result: list[Completion] | BaseException) -> None:
-    def apply() -> None:
-        if job.future.done():
-            return
-        if isinstance(result, BaseException):
-            job.future.set_exception(result)
-        else:
-            job.future.set_result(result)
-
-    try:
-        job.loop.call_soon_threadsafe(apply)
-    except RuntimeError:  # the requester's loop is closed: nobody is waiting
-        pass
-
-
-class BatchWorker:
-    """One thread that runs every model's ``DecodeBatch``, admitting new requests between decoding steps.
-
-    When nothing runs, the first request waits ``window_s`` for company (sliding, at most 20 windows); while a
-    batch runs, requests that arrived join it at the next step (continuous batching). Batches of different
-    modules (steps) take turns step by step, so no step's requests starve.
-    """
-
-    def __init__(self, window_s: float, max_rows: int, cpu_threads: int | None = None) -> None:
-        self._window_s, self._max_rows, self._cpu_threads = window_s, max_rows, cpu_threads
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._pending: list[_Job] = []
-        self._batches: dict[int, DecodeBatch] = {}
-        self.batches_run = 0  # prefills (groups of requests admitted together), for tests and benchmarks
-        self.steps_run = 0
-        self._thread = threading.Thread(target=self._run, daemon=True, name="art-hf-batcher")
-        self._thread.start()
-
-    def submit(self, job: _Job) -> None:
-        """Queue a job; its future is settled from the worker thread."""
-        self._queue.put(job)
-
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Fail queued and running jobs, and stop the thread."""
-        self._queue.put(None)
-        self._thread.join(timeout_s)
-
-    def _take(self, block: bool) -> bool:
-        """Move queued jobs to ``_pending``; False once ``close`` was called."""
-        try:
-            job = self._queue.get(block=block)
-        except queue.Empty:
-            return True
-        cap = time.monotonic() + 20 * self._window_s
-        while job is not None:
-            self._pending.append(job)
-            wait = min(self._window_s, cap - time.monotonic()) if block else 0.0
-            try:
-                job = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                return True
-        return False
-
-    def _admit(self) -> None:
-        waiting: list[_Job] = []
-        groups: dict[int, list[_Job]] = {}
-        for job in self._pending:
-            if job.future.cancelled():
-                continue
-            batch = self._batches.get(id(job.module))
-            used = (len(batch) if batch else 0) + sum(len(j.rows) for j in groups.get(id(job.module), []))
-            joinable = batch is None or not len(batch) or batch.joinable
-            if joinable and (used == 0 or used + len(job.rows) <= self._max_rows):
-                groups.setdefault(id(job.module), []).append(job)
-            else:
-                waiting.append(job)
-        self._pending = waiting
-        for key, jobs in groups.items():
-            batch = self._batches.setdefault(key, DecodeBatch(jobs[0].module, jobs[0].vocab))
-            rows = [row for job in jobs for row in job.rows]
-            tickets = [(job, i) for job in jobs for i in range(len(job.rows))]
-            try:
-                batch.admit(rows, tickets)
-            except Exception as exc:
-                self._fail(jobs, exc)
-                continue
-            self.batches_run += 1
-
-    def _step(self, key: int, batch: DecodeBatch) -> None:
-        try:
-            finished = batch.step()
-        except Exception as exc:  # never kill the worker: fail this batch's requests with the cause
-            self._fail(
-                list({id(job): job for job, _ in cast(list[tuple[_Job, int]], batch.tickets)}.values()), exc
-            )
-            del self._batches[key]
-            return
-        self.steps_run += 1
-        for ticket, completion in finished:
-            job, index = cast(tuple[_Job, int], ticket)
-            job.done[index] = completion
-            if len(job.done) == len(job.rows):
-                _settle(job, [job.done[i] for i in range(len(job.rows))])
-
-    def _fail(self, jobs: list[_Job], exc: Exception) -> None:
-        for job in jobs:
-            _settle(job, RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
-
-    def _run(self) -> None:
-        if self._cpu_threads is not None:
-            torch.set_num_threads(self._cpu_threads)  # OpenMP: applies to this thread only, not the trainer's
-        running = True
-        while running:
-            running = self._take(block=not self._batches)
-            self._admit()
-            for key, batch in list(self._batches.items()):
-                if len(batch):
-                    self._step(key, batch)
-                if not len(batch):
-                    self._batches.pop(key, None)  # drop the module reference: old steps can be freed
-        error = RuntimeError("the inference engine was closed before this request finished")
-        for batch in self._batches.values():
-            for ticket in batch.tickets:
-                _settle(cast(tuple[_Job, int], ticket)[0], error)
-        for job in self._pending:
-            _settle(job, error)
-        while not self._queue.empty():
-            left = self._queue.get_nowait()
-            if left is not None:
-                _settle(left, error)
 
 
 class HFEngine:
@@ -450,7 +312,7 @@ class HFEngine:
         ]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Completion]] = loop.create_future()
-        self._worker.submit(_Job(module, entry.vocab, rows, future, loop))
+        self._worker.submit(Job(module, entry.vocab, rows, future, loop))
         return await future
 
     def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
@@ -460,7 +322,7 @@ class HFEngine:
 
     @property
     def batches_run(self) -> int:
-        """How many batches the worker has sampled (dynamic batching is visible in tests)."""
+        """How many groups of requests the worker has admitted (prefilled together) so far."""
         return self._worker.batches_run
 
     async def close(self) -> None:

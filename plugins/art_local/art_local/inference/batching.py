@@ -1,0 +1,163 @@
+"""Continuous batching for the transformers engine: one worker thread runs every model's ``DecodeBatch``.
+
+Requests are queued from any event loop; the worker admits them between decoding steps and settles each
+request's future on its own loop when all of its ``n`` rows are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
+
+import torch
+
+from art_local.inference.engine import Completion
+from art_local.inference.sampling import DecodeBatch, Row, Vocab
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+@dataclass
+class Job:
+    """One request: ``len(rows)`` sequences (its ``n``) whose completions settle one future."""
+
+    module: PreTrainedModel
+    vocab: Vocab
+    rows: list[Row]
+    future: asyncio.Future[list[Completion]]
+    loop: asyncio.AbstractEventLoop
+    done: dict[int, Completion] = field(default_factory=dict)
+
+
+def settle(job: Job, result: list[Completion] | BaseException) -> None:
+    """Resolve ``job``'s future on its own event loop (callable from any thread)."""
+
+    def apply() -> None:
+        if job.future.done():
+            return
+        if isinstance(result, BaseException):
+            job.future.set_exception(result)
+        else:
+            job.future.set_result(result)
+
+    try:
+        job.loop.call_soon_threadsafe(apply)
+    except RuntimeError:  # the requester's loop is closed: nobody is waiting
+        pass
+
+
+class BatchWorker:
+    """One thread that runs every model's ``DecodeBatch``, admitting new requests between decoding steps.
+
+    When nothing runs, the first request waits ``window_s`` for company (sliding, at most 20 windows); while a
+    batch runs, requests that arrived join it at the next step (continuous batching). Batches of different
+    modules (steps) take turns step by step, so no step's requests starve.
+    """
+
+    def __init__(self, window_s: float, max_rows: int, cpu_threads: int | None = None) -> None:
+        self._window_s, self._max_rows, self._cpu_threads = window_s, max_rows, cpu_threads
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._pending: list[Job] = []
+        self._batches: dict[int, DecodeBatch] = {}
+        self.batches_run = 0  # prefills (groups of requests admitted together), for tests and benchmarks
+        self.steps_run = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="art-hf-batcher")
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; its future is settled from the worker thread."""
+        self._queue.put(job)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Fail queued and running jobs, and stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _take(self, block: bool) -> bool:
+        """Move queued jobs to ``_pending``; False once ``close`` was called."""
+        try:
+            job = self._queue.get(block=block)
+        except queue.Empty:
+            return True
+        cap = time.monotonic() + 20 * self._window_s
+        while job is not None:
+            self._pending.append(job)
+            wait = min(self._window_s, cap - time.monotonic()) if block else 0.0
+            try:
+                job = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return True
+        return False
+
+    def _admit(self) -> None:
+        waiting: list[Job] = []
+        groups: dict[int, list[Job]] = {}
+        for job in self._pending:
+            if job.future.cancelled():
+                continue
+            batch = self._batches.get(id(job.module))
+            used = (len(batch) if batch else 0) + sum(len(j.rows) for j in groups.get(id(job.module), []))
+            joinable = batch is None or not len(batch) or batch.joinable
+            if joinable and (used == 0 or used + len(job.rows) <= self._max_rows):
+                groups.setdefault(id(job.module), []).append(job)
+            else:
+                waiting.append(job)
+        self._pending = waiting
+        for key, jobs in groups.items():
+            batch = self._batches.setdefault(key, DecodeBatch(jobs[0].module, jobs[0].vocab))
+            rows = [row for job in jobs for row in job.rows]
+            tickets = [(job, i) for job in jobs for i in range(len(job.rows))]
+            try:
+                batch.admit(rows, tickets)
+            except Exception as exc:
+                self._fail(jobs, exc)
+                continue
+            self.batches_run += 1
+
+    def _step(self, key: int, batch: DecodeBatch) -> None:
+        try:
+            finished = batch.step()
+        except Exception as exc:  # never kill the worker: fail this batch's requests with the cause
+            self._fail(
+                list({id(job): job for job, _ in cast(list[tuple[Job, int]], batch.tickets)}.values()), exc
+            )
+            del self._batches[key]
+            return
+        self.steps_run += 1
+        for ticket, completion in finished:
+            job, index = cast(tuple[Job, int], ticket)
+            job.done[index] = completion
+            if len(job.done) == len(job.rows):
+                settle(job, [job.done[i] for i in range(len(job.rows))])
+
+    def _fail(self, jobs: list[Job], exc: Exception) -> None:
+        for job in jobs:
+            settle(job, RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _run(self) -> None:
+        if self._cpu_threads is not None:
+            torch.set_num_threads(self._cpu_threads)  # OpenMP: applies to this thread only, not the trainer's
+        running = True
+        while running:
+            running = self._take(block=not self._batches)
+            self._admit()
+            for key, batch in list(self._batches.items()):
+                if len(batch):
+                    self._step(key, batch)
+                if not len(batch):
+                    self._batches.pop(key, None)  # drop the module reference: old steps can be freed
+        error = RuntimeError("the inference engine was closed before this request finished")
+        for batch in self._batches.values():
+            for ticket in batch.tickets:
+                settle(cast(tuple[Job, int], ticket)[0], error)
+        for job in self._pending:
+            settle(job, error)
+        while not self._queue.empty():
+            left = self._queue.get_nowait()
+            if left is not None:
+                settle(left, error)
