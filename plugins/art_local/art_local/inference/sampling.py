@@ -65,15 +65,19 @@ def left_pad(
 
 
 def sample_tokens(
-    logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_p_B: torch.Tensor, noise_BV: torch.Tensor | None
+    logits_BV: torch.Tensor,
+    temperature_B: torch.Tensor,
+    top_p_B: torch.Tensor,
+    generators: Sequence[torch.Generator | None],
 ) -> torch.Tensor:
     """Next token per row: argmax where temperature is 0, else a draw from the tempered, top-p-filtered softmax.
 
-    ``noise_BV`` holds Exp(1) draws; ``argmax(p / noise)`` is an exact sample from ``p`` (the exponential race),
-    which lets each row draw from its own generator.
+    Rows with a generator (a request ``seed``) draw from it alone, so their samples do not depend on what else
+    is in the batch; the others share one draw from torch's default generator.
     """
     greedy_B = logits_BV.argmax(dim=-1)
-    if noise_BV is None:
+    sampling_B = temperature_B > 0.0
+    if not bool(sampling_B.any()):
         return greedy_B
     scaled_BV = logits_BV.float() / temperature_B.clamp(min=1e-5).unsqueeze(-1)
     probs_BV = torch.softmax(scaled_BV, dim=-1)
@@ -83,18 +87,16 @@ def sample_tokens(
         drop_sorted_BV = before_BV >= top_p_B.unsqueeze(-1)  # the first token is never dropped
         drop_BV = torch.zeros_like(drop_sorted_BV).scatter(-1, order_BV, drop_sorted_BV)
         probs_BV = probs_BV.masked_fill(drop_BV, 0.0)
-    sampled_B = (probs_BV / noise_BV).argmax(dim=-1)
-    return torch.where(temperature_B == 0.0, greedy_B, sampled_B)
-
-
-def _noise(rows: Sequence[Row], vocab_size: int, device: torch.device) -> torch.Tensor | None:
-    if all(row.params.temperature == 0.0 for row in rows):
-        return None
-    noise_BV = torch.empty((len(rows), vocab_size), device=device).exponential_()
-    for i, row in enumerate(rows):
-        if row.generator is not None and row.params.temperature > 0.0:
-            noise_BV[i].exponential_(generator=row.generator)
-    return noise_BV
+    sampled_B = greedy_B.clone()
+    flags = sampling_B.tolist()
+    shared = [i for i, g in enumerate(generators) if g is None and flags[i]]
+    if shared:
+        rows_S = torch.tensor(shared, device=logits_BV.device)
+        sampled_B[rows_S] = torch.multinomial(probs_BV[rows_S], 1).squeeze(-1)
+    for i, generator in enumerate(generators):
+        if generator is not None and flags[i]:
+            sampled_B[i] = torch.multinomial(probs_BV[i], 1, generator=generator)[0]
+    return sampled_B
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int]) -> str:
@@ -262,9 +264,7 @@ class DecodeBatch:
         temperature_B = torch.tensor([r.params.temperature for r in self.rows], device=self.device)
         top_p_B = torch.tensor([r.params.top_p for r in self.rows], device=self.device)
         logprobs_BV = logits_BV.float().log_softmax(dim=-1)
-        tokens_B = sample_tokens(
-            logits_BV, temperature_B, top_p_B, _noise(self.rows, logits_BV.shape[-1], self.device)
-        )
+        tokens_B = sample_tokens(logits_BV, temperature_B, top_p_B, [row.generator for row in self.rows])
         chosen_B = logprobs_BV.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1)
         tops: list[tuple[tuple[int, float], ...]] = [()] * len(self.rows)
         if max_top := max(r.params.top_logprobs for r in self.rows):
