@@ -102,7 +102,12 @@ class Engine(Protocol):
     async def generate(
         self, model: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> list[Completion]:
-        """``params.n`` completions of the prompt; raises ``UnknownModelError`` when ``model`` is not served."""
+        """``params.n`` completions of the prompt, in order.
+
+        Raises ``UnknownModelError`` (→ 404) when ``model`` is not served, and
+        ``art_local.inference.protocol.RequestError`` (→ 400) for an option the engine cannot honour; any
+        other exception answers 500 with its text, and the server keeps serving.
+        """
         ...
 
 

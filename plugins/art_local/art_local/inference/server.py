@@ -103,6 +103,27 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+class ApiKeyAuth:
+    """ASGI middleware: every ``/v1`` request must send ``Authorization: Bearer <api_key>`` (constant-time check)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and str(scope.get("path", "")).startswith("/v1"):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = _error(
+                    401,
+                    "missing or wrong API key; send 'Authorization: Bearer <key>' with the key the backend returned",
+                    "invalid_request_error",
+                    "invalid_api_key",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -126,22 +147,8 @@ def create_app(engine: Engine, *, api_key: str, max_body_bytes: int = DEFAULT_MA
     """The OpenAI-compatible FastAPI app over ``engine``; every ``/v1`` route requires ``api_key``."""
     if not api_key:
         raise ValueError("api_key is empty; the server requires a key (use secrets.token_urlsafe())")
-    expected = f"Bearer {api_key}".encode()
     app = FastAPI(title="art inference", docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        if request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return _error(
-                    401,
-                    "missing or wrong API key; send 'Authorization: Bearer <key>' with the key the backend returned",
-                    "invalid_request_error",
-                    "invalid_api_key",
-                )
-        return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -176,6 +183,7 @@ def create_app(engine: Engine, *, api_key: str, max_body_bytes: int = DEFAULT_MA
         return chat_completion_response(served, body, len(prompt), completions)
 
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(ApiKeyAuth, api_key=api_key)  # added last: runs first
     return app
 
 

@@ -13,6 +13,7 @@ This module never imports ``vllm``: it only launches it, so importing art_local 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -168,18 +169,22 @@ class VLLMProcess:
         async with httpx.AsyncClient(timeout=5.0) as client:
             while time.monotonic() < deadline:
                 if self._process.poll() is not None:
-                    code = self._process.returncode
-                    raise RuntimeError(f"vLLM exited with code {code} while starting:\n{self.log_tail()}")
+                    message = (
+                        f"vLLM exited with code {self._process.returncode} while starting:\n{self.log_tail()}"
+                    )
+                    await self.stop()
+                    raise RuntimeError(message)
                 try:
                     if (await client.get(f"{self.url}/health")).status_code == 200:
                         return
                 except httpx.TransportError:
                     pass
                 await asyncio.sleep(1.0)
-        await self.stop()
-        raise RuntimeError(
+        message = (
             f"vLLM did not answer /health within {self.config.start_timeout_s:.0f} s:\n{self.log_tail()}"
         )
+        await self.stop()
+        raise RuntimeError(message)
 
     async def post(self, path: str, body: Mapping[str, Any], timeout_s: float = 120.0) -> Any:
         """POST to vLLM; a non-2xx answer raises with vLLM's error text."""
@@ -193,16 +198,20 @@ class VLLMProcess:
         return response.json() if response.content.strip().startswith(b"{") else response.text
 
     async def stop(self) -> None:
-        """SIGTERM vLLM's process group, SIGKILL after 30 s."""
+        """SIGTERM vLLM's process group (its engine workers too), SIGKILL after 30 s; remove the log."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, 30.0)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            await asyncio.to_thread(process.wait, 10.0)
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.to_thread(process.wait, 30.0)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await asyncio.to_thread(process.wait, 10.0)
+        self._log.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._log.name)
 
 
 class VLLMEngine:
