@@ -4,6 +4,14 @@
 ``GET /health``); ``InferenceServer(app)`` runs it with uvicorn in a background thread bound to 127.0.0.1 on a
 free port, so the server keeps answering while the caller's event loop is busy (e.g. training). Errors use
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+
+Another plugin serves its own sampler by implementing ``art_local.inference.engine.Engine`` (``served_models``,
+``resolve``, ``async generate``) and::
+
+    server = InferenceServer(create_app(MyEngine(), api_key=key))
+    await server.start()          # server.base_url == "http://127.0.0.1:<port>/v1"
+    ...
+    await server.stop()           # the port is free again
 """
 
 from __future__ import annotations
