@@ -145,6 +145,23 @@ async def test_options_change_what_happens(server: Server, tiny_model: str, tmp_
     assert no_signal.metrics["data/step_num_gradient_steps"] == 0
     with pytest.raises(ValueError, match="advantage_balance"):
         await backend.train(model, groups, advantage_balance=1.5, train_mlp=False)
+    blind = [
+        art.TrajectoryGroup(
+            art.Trajectory(
+                messages_and_choices=[
+                    *t.messages()[:-1],
+                    t.choices()[0].model_copy(update={"logprobs": None}),
+                ],
+                reward=t.reward,
+            )
+            for t in group.trajectories
+        )
+        for group in groups
+    ]
+    with pytest.raises(ValueError, match="allow_training_without_logprobs"):
+        await backend.train(model, blind, train_mlp=False)
+    trained_blind = await backend.train(model, blind, train_mlp=False, allow_training_without_logprobs=True)
+    assert trained_blind.step == 4 and trained_blind.metrics["data/step_trainer_tokens"] > 0
     await backend.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -177,3 +178,41 @@ def test_store_writes_atomically_lists_and_deletes(tmp_path: Path) -> None:
     assert store.list(run.model_id) == []
     with pytest.raises(NotFound, match="does not exist"):
         store.delete(ref)
+
+
+def test_stop_semantics_follow_the_sdk() -> None:
+    from tinker import types
+
+    from art_tinker.server.checks import sample_spec
+
+    eos = (2,)
+    assert sample_spec(types.SamplingParams(max_tokens=3), eos).stop_tokens == (2,)
+    assert sample_spec(types.SamplingParams(max_tokens=3, stop=[]), eos).stop_tokens == ()
+    strings = sample_spec(types.SamplingParams(max_tokens=3, stop=["\n\n"]), eos)
+    assert (strings.stop_tokens, strings.stop_strings) == ((2,), ("\n\n",))
+    assert sample_spec(types.SamplingParams(max_tokens=3, stop=[7, 9]), eos).stop_tokens == (2, 7, 9)
+    with pytest.raises(UserError, match="mixes strings and token ids"):
+        sample_spec(types.SamplingParams.model_construct(max_tokens=3, stop=["a", 5]), eos)
+
+
+def test_sampler_seeds_stops_and_reports_untempered_logprobs(tiny_model: str) -> None:
+    from art_tinker.server.engine import SampleSpec
+    from art_tinker.server.local_engine import LocalEngine
+
+    engine = LocalEngine(device="cpu")
+    prompt = [1, 40, 41, 42]
+
+    def run(**spec: Any) -> list[Any]:
+        sequences, _ = engine.sample(tiny_model, None, prompt, 3, SampleSpec(**spec), prompt_logprobs=False)
+        return sequences
+
+    seeded = run(max_tokens=5, seed=4)
+    assert [s.tokens for s in seeded] == [s.tokens for s in run(max_tokens=5, seed=4)]
+    assert all(len(s.tokens) == 5 and s.stop_reason == "length" for s in seeded)
+    everything_stops = run(max_tokens=5, seed=4, stop_tokens=tuple(range(1024)))
+    assert all(len(s.tokens) == 1 and s.stop_reason == "stop" for s in everything_stops)
+    greedy = run(max_tokens=4, temperature=0.0)
+    hot, cold = run(max_tokens=4, top_k=1, temperature=1.5), run(max_tokens=4, top_k=1, temperature=0.3)
+    assert [s.tokens for s in hot] == [s.tokens for s in cold] == [s.tokens for s in greedy]
+    flat = [[lp for s in sequences for lp in s.logprobs] for sequences in (hot, cold)]
+    assert flat[0] == pytest.approx(flat[1])  # the logprobs are the untempered distribution's
