@@ -51,7 +51,7 @@ def read_or_create_api_key(path: Path) -> str:
                 f"{path} holds no API key of at least 8 characters; put a random key in it or delete it"
             )
         return key
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = "art-" + secrets.token_urlsafe(32)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
