@@ -180,6 +180,16 @@ async def test_wire_fidelity(served: Served, tmp_path: Path) -> None:
     ) in checkpoint_calls
     assert ("GET", f"/v1/preview/models/{mid}/checkpoints", {"order": "asc"}, None) in checkpoint_calls
     assert checkpoint_calls[-1] == ("DELETE", f"/v1/preview/models/{mid}/checkpoints", {}, {"steps": [1]})
+    await backend.delete(trainable)
+    last = served.log.entries[-1]
+    assert (last.method, last.path, last.query, last.body, last.status) == (
+        "DELETE",
+        f"/v1/preview/models/{mid}",
+        {},
+        None,
+        200,
+    )
+    assert trainable.id is None
     await backend.close()
 
 
@@ -279,3 +289,18 @@ async def test_a_call_without_an_optimizer_step_still_reports_the_servers_metric
     assert result.metrics["loss/learning_rate"] == pytest.approx(3e-4), "carried by training_ended"
     assert result.metrics["data/step_num_groups_trainable"] == 0
     await backend.close()
+
+
+def test_the_client_is_light() -> None:
+    """Importing the client (and the plugin's hooks) loads no server, torch or wandb."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, art_serverless, art_serverless.plugin, art_serverless.cli; "
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'torch', 'transformers', 'wandb') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "[]"
