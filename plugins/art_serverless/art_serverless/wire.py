@@ -61,9 +61,14 @@ class _Body(pydantic.BaseModel):
 
 
 class _Record(pydantic.BaseModel):
-    """A response record the client reads: unknown keys are ignored."""
+    """A response record the client reads: unknown keys are ignored, and a null mapping reads as empty."""
 
     model_config = pydantic.ConfigDict(extra="ignore")
+
+    @pydantic.field_validator("data", "metrics", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
 
 
 class ExperimentalConfig(_Body):
