@@ -10,13 +10,11 @@ weights to the server. ``backend.train()`` never logs: call ``model.log(...)``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import fcntl
 import functools
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -227,6 +225,7 @@ class LocalBackend:
         writes nothing under ``checkpoints/``. ``plot_tensors=True`` writes ``tensors/{step:04d}.png``.
         """
         from art_local.training import LossConfig
+        from art_local.training.call import CallOptions
 
         slot = self._slot(model)
         loss = LossConfig(
@@ -248,23 +247,55 @@ class LocalBackend:
         )
         check_advantage_balance(advantage_balance)
         groups = check_groups(trajectory_groups)
-        call = _Call(
+        options = CallOptions(
             scale_rewards=scale_rewards,
             advantage_balance=advantage_balance,
             allow_training_without_logprobs=allow_training_without_logprobs,
             precalculate_logprobs=precalculate_logprobs,
             scale_learning_rate_by_reward_std_dev=scale_learning_rate_by_reward_std_dev,
             plot_tensors=plot_tensors,
-            save_checkpoint=save_checkpoint,
             verbose=verbose,
         )
         async with slot.train_lock:
-            result, weights, adapter_dir = await asyncio.to_thread(_train_step, slot, groups, config, call)
-            if weights is not None and self._service is not None:
-                await self._service.publish(model.name, result.step, weights, adapter_dir=adapter_dir)
-        return result
+            return await self._train_locked(slot, groups, config, options, save_checkpoint)
 
     # -- internals --------------------------------------------------------------------------------------------
+
+    async def _train_locked(
+        self, slot: _Slot, groups: list[TrajectoryGroup], config: TrainerConfig, options: Any, save: bool
+    ) -> LocalTrainResult:
+        from art_local.training import merged_state_dict, save_checkpoint
+        from art_local.training.call import train_on_groups
+
+        model, components = slot.model, slot.components
+        started = time.perf_counter()
+        outcome = await asyncio.to_thread(
+            train_on_groups,
+            components,
+            slot.tokenizer,
+            slot.state,
+            groups,
+            config,
+            options,
+            model_dir=model.output_dir(),
+            label=model.name,
+        )
+        slot.state = (
+            outcome.state
+        )  # the weights have moved: the step happened even if the checkpoint write fails
+        directory = _checkpoints_dir(model) / f"{outcome.state.step:04d}" if save else None
+        if directory is not None:
+            await asyncio.to_thread(save_checkpoint, components, outcome.state, config, directory)
+        metrics = {**outcome.metrics, "time/step_trainer_s": time.perf_counter() - started}
+        if slot.served and self._service is not None:
+            weights = await asyncio.to_thread(merged_state_dict, components)
+            adapter_dir = directory if components.is_lora else None
+            await self._service.publish(model.name, outcome.state.step, weights, adapter_dir=adapter_dir)
+        return LocalTrainResult(
+            step=outcome.state.step,
+            metrics=metrics,
+            checkpoint_path=None if directory is None else str(directory),
+        )
 
     def _slot(self, model: TrainableModel) -> _Slot:
         slot = self._slots.get(model.name)
@@ -339,106 +370,3 @@ def _lock_model_dir(directory: Path) -> TextIO:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
-
-
-@dataclass(frozen=True)
-class _Call:
-    """The train() options that are not loss or trainer settings."""
-
-    scale_rewards: bool
-    advantage_balance: float
-    allow_training_without_logprobs: bool
-    precalculate_logprobs: bool
-    scale_learning_rate_by_reward_std_dev: bool
-    plot_tensors: bool
-    save_checkpoint: bool
-    verbose: bool
-
-
-def _train_step(
-    slot: _Slot, groups: list[TrajectoryGroup], config: TrainerConfig, call: _Call
-) -> tuple[LocalTrainResult, dict[str, torch.Tensor] | None, Path | None]:
-    """Prepare → forward/backward → optimizer step → checkpoint; runs in a worker thread."""
-    from tqdm.auto import tqdm
-
-    from art_local.training import (
-        forward_backward,
-        merged_state_dict,
-        optim_step,
-        precalculate_old_logprobs,
-        prepare_batch,
-        save_checkpoint,
-    )
-
-    started = time.perf_counter()
-    components, model = slot.components, slot.model
-    prepared = prepare_batch(
-        groups,
-        slot.tokenizer,
-        scale_rewards=call.scale_rewards,
-        advantage_balance=call.advantage_balance,
-        allow_training_without_logprobs=call.allow_training_without_logprobs,
-        max_sequence_length=config.max_sequence_length,
-    )
-    scale = prepared.reward_std_dev if call.scale_learning_rate_by_reward_std_dev else 1.0
-    config = dataclasses.replace(config, learning_rate=config.learning_rate * scale)
-    step = slot.state.step + 1
-    metrics = prepared.metrics()
-    batch = prepared.batch
-    bar = tqdm(
-        total=1 if batch is not None else 0,
-        desc=f"train {model.name} → step {step}",
-        unit="step",
-        leave=False,
-    )
-    try:
-        if batch is None:
-            state = dataclasses.replace(slot.state, step=step)
-        else:
-            if call.precalculate_logprobs:
-                batch = precalculate_old_logprobs(components, batch, config)
-            if call.plot_tensors:
-                _plot(components, batch, config, model.output_dir() / "tensors" / f"{step:04d}.png")
-            metrics |= forward_backward(components, batch, config)
-            state = optim_step(components, slot.state, config, tokens=batch.num_trained_tokens)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss/train']:.4g}", grad_norm=f"{state.grad_norm:.3g}")
-    finally:
-        components.optimizer.zero_grad(set_to_none=True)
-        bar.close()
-    metrics["loss/grad_norm"] = state.grad_norm if batch is not None else 0.0
-    metrics["loss/learning_rate"] = config.learning_rate
-    metrics["data/step_num_gradient_steps"] = 1.0 if batch is not None else 0.0
-    checkpoint_path: Path | None = None
-    if call.save_checkpoint:
-        checkpoint_path = _checkpoints_dir(model) / f"{state.step:04d}"
-        save_checkpoint(components, state, config, checkpoint_path)
-    slot.state = state
-    metrics["time/step_trainer_s"] = time.perf_counter() - started
-    if call.verbose:
-        summary = ", ".join(f"{key}={value:.4g}" for key, value in sorted(metrics.items()))
-        print(f"[art_local] {model.name} step {state.step}: {summary}", file=sys.stderr)
-    weights = merged_state_dict(components) if slot.served else None
-    adapter_dir = checkpoint_path if checkpoint_path is not None and components.is_lora else None
-    result = LocalTrainResult(
-        step=state.step,
-        metrics=metrics,
-        checkpoint_path=None if checkpoint_path is None else str(checkpoint_path),
-    )
-    return result, weights, adapter_dir
-
-
-def _plot(components: TrainingComponents, batch: Any, config: TrainerConfig, path: Path) -> None:
-    from art_local.training import compute_logprobs
-    from art_local.training.plots import plot_batch
-
-    with contextlib.suppress(ImportError):  # matplotlib is optional (extra "plot"): warn instead of failing
-        plot_batch(
-            batch, compute_logprobs(components, batch, chunk_size=config.logprob_calculation_chunk_size), path
-        )
-        return
-    import warnings
-
-    warnings.warn(
-        "plot_tensors=True needs matplotlib (pip install matplotlib); no plot written", stacklevel=3
-    )
