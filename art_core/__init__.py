@@ -4,10 +4,12 @@
 not even openai or pyarrow until they are needed.
 """
 
+from art_core import dev
 from art_core.advantages import group_advantages, normalize_batch
 from art_core.backend import Backend, ImportanceSamplingLevel, TrainableBackend
 from art_core.gather import TooManyExceptionsError, gather_trajectories, gather_trajectory_groups
 from art_core.hookspecs import hookimpl
+from art_core.migration import TrainConfig
 from art_core.model import Model, TrainableModel
 from art_core.plugins import list_backends, list_reporters, load_backend
 from art_core.results import LocalTrainResult, ServerlessTrainResult, TinkerTrainResult, TrainResult
@@ -24,12 +26,14 @@ __all__ = [
     "ServerlessTrainResult",
     "TinkerTrainResult",
     "TooManyExceptionsError",
+    "TrainConfig",
     "TrainResult",
     "TrainableBackend",
     "TrainableModel",
     "Trajectory",
     "TrajectoryGroup",
     "__version__",
+    "dev",
     "gather_trajectories",
     "gather_trajectory_groups",
     "group_advantages",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pydantic
+from typing_extensions import deprecated
 
 from art_core import history
 from art_core.trajectories import Trajectory, TrajectoryGroup, check_groups
@@ -19,8 +20,11 @@ from art_core.trajectories import Trajectory, TrajectoryGroup, check_groups
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
+    from art_core import dev
     from art_core.backend import Backend
+    from art_core.migration import TrainConfig
     from art_core.reporters import Reporter
+    from art_core.results import TrainResult
 
 NAME_MAX_LENGTH = 128
 _SPLIT_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -288,6 +292,29 @@ class TrainableModel(Model):
     async def get_step(self) -> int:
         """The latest trained step according to the backend (0 before the first ``train()``)."""
         return await self.backend()._get_step(self)
+
+    @deprecated(
+        "model.train() is deprecated: call `await backend.train(model, groups, ...)` (options typed per "
+        "backend), then `await model.log(groups, metrics=result.metrics, step=result.step)`",
+        category=None,  # the run-time warning, with the exact replacement call, comes from train() itself
+    )
+    async def train(
+        self,
+        trajectory_groups: Iterable[TrajectoryGroup],
+        config: TrainConfig | None = None,
+        _config: dev.TrainConfig | None = None,
+        verbose: bool = False,
+    ) -> TrainResult:
+        """Deprecated (ART's API): one ``backend.train`` step with the configs mapped onto its options, then log.
+
+        Each field set on ``config`` and each ``_config`` key becomes the backend option of the same name; a key
+        the backend has no option for is a ``TypeError`` listing the options it has. Afterwards the groups and the
+        step's metrics are logged with ``model.log(groups, split="train", ...)`` at the new step, as ART 0.5 did.
+        """
+        from art_core import migration
+
+        kwargs = migration.prepare_call(self.backend(), config, _config, verbose)
+        return await migration.train_and_log(self, trajectory_groups, kwargs)
 
     async def delete_checkpoints(
         self, best_checkpoint_metric: str = "val/reward", *, higher_is_better: bool = True
