@@ -99,12 +99,12 @@ def _check_max_exceptions(max_exceptions: int | float) -> None:
         raise ValueError(f"max_exceptions={max_exceptions} is negative; use 0 to tolerate no failure")
 
 
-def _progress_bar(desc: str | None, total: int) -> tqdm | None:
+def _progress_bar(desc: str | None, total: int, leave: bool = True) -> tqdm | None:
     if desc is None:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(desc=desc, total=total, unit="rollout", dynamic_ncols=True)
+    return tqdm(desc=desc, total=total, unit="rollout", dynamic_ncols=True, leave=leave)
 
 
 async def gather_trajectory_groups(
@@ -114,6 +114,7 @@ async def gather_trajectory_groups(
     max_exceptions: int | float = 0,
     max_metrics: int | None = None,
     after_each: AfterEach | None = None,
+    pbar_leave: bool = True,
 ) -> list[TrajectoryGroup]:
     """Await every group concurrently, showing live reward and failures; return the finished groups.
 
@@ -121,6 +122,7 @@ async def gather_trajectory_groups(
     A failed rollout inside a group is kept in ``group.exceptions``; a group whose own awaitable fails is
     dropped. ``after_each`` may replace each finished group (return a group, a list of groups, or None to
     drop it). Rewards are checked: a non-finite one is a ValueError naming its group and trajectory.
+    ``pbar_leave=False`` clears the bar when done (for loops that print their own line per step).
     """
     _check_max_exceptions(max_exceptions)
     items = list(groups)
@@ -149,7 +151,7 @@ async def gather_trajectory_groups(
             return []
         return replaced if isinstance(replaced, list) else [replaced]
 
-    context.pbar = _progress_bar(pbar_desc, total)
+    context.pbar = _progress_bar(pbar_desc, total, pbar_leave)
     try:
         with _gather_context(context):
             tasks = [asyncio.ensure_future(finish(item)) for item in items]

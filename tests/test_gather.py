@@ -105,3 +105,13 @@ async def test_non_finite_reward_after_gather_names_group_and_trajectory() -> No
         await art.gather_trajectory_groups(
             [art.TrajectoryGroup([rollout(1.0)]), art.TrajectoryGroup([nan_rollout()])], pbar_desc=None
         )
+
+
+async def test_progress_bar_can_clear_itself_when_done(capsys: pytest.CaptureFixture[str]) -> None:
+    for leave in (True, False):
+        await art.gather_trajectory_groups(
+            [art.TrajectoryGroup(rollout(1.0) for _ in range(2))], pbar_desc="gather", pbar_leave=leave
+        )
+        err = capsys.readouterr().err
+        assert "gather:" in err and ("2/2" in err) is leave
+        assert err.endswith("\n") is leave  # a kept bar ends its line; a cleared one leaves the cursor there
