@@ -8,7 +8,9 @@ STAMP := $(VENV)/.art-installed
 PACKAGES := -e ".[dev,wandb,plot]" \
 	-e "plugins/art_local[dev]" \
 	-e "plugins/art_serverless[dev,server]" \
-	-e "plugins/art_tinker[dev,server]"
+	-e "plugins/art_tinker[dev,server]" \
+	-e "examples/third_party_backend[dev]" \
+	"pyright[nodejs]==1.1.414"
 
 .PHONY: install test lint typecheck pytest demo bench clean
 

@@ -30,6 +30,8 @@ async def options_a_backend_does_not_have(
     await local.train(model, groups, deploy_checkpoint=True)
     # expect-error: call-arg/reportCallIssue "plot_tensors"
     await backend.train(model, groups, plot_tensors=True)
+    # expect-error: call-arg/reportCallIssue "max_grad_norm"
+    await backend.train(model, groups, max_grad_norm=1.0)
 
 
 async def wrong_values_and_the_old_api(model: art.TrainableModel, groups: Groups) -> None:

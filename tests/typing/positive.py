@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import assert_type
 
+from art_bigram import BigramBackend
+
 import art_core as art
 from art_core.testing import StrictBackend
 from art_local import LocalBackend
@@ -110,3 +112,11 @@ async def log_after_train(model: art.TrainableModel, groups: Groups, backend: ar
     await model.log(groups, metrics=result.metrics, step=result.step)
     config = art.dev.TrainConfig(ppo=True, importance_sampling_level="token", plot_tensors=True)
     assert_type(config, art.dev.TrainConfig)
+
+
+async def third_party(model: art.TrainableModel, groups: Groups) -> None:
+    """The example plugin (examples/third_party_backend) is a TrainableBackend too, with its own option."""
+    backend = BigramBackend()
+    result = await backend.train(model, groups, learning_rate=0.5, max_grad_norm=1.0, verbose=True)
+    assert_type(result, art.TrainResult)
+    assert_type(await agnostic_step(backend, model, groups), art.TrainResult)
