@@ -14,7 +14,7 @@ import json
 import os
 import platform
 import time
-from typing import Any
+from typing import Any, Literal
 
 COMPLETION_TOKENS = 64
 
@@ -54,7 +54,9 @@ async def _run_level(
     }
 
 
-async def _bench_size(size: str, levels: list[int], cpu_threads: int | None, rounds: int) -> dict[str, Any]:
+async def _bench_size(
+    size: Literal["tiny", "small"], levels: list[int], cpu_threads: int | None, rounds: int, min_requests: int
+) -> dict[str, Any]:
     from openai import AsyncOpenAI
 
     from art_local.inference.service import InferenceService
@@ -68,7 +70,10 @@ async def _bench_size(size: str, levels: list[int], cpu_threads: int | None, rou
     try:
         engine = service.engine
         await _run_level(client, engine, size, 2, 1)  # warm-up: first-call allocations, tokenizer caches
-        results = {f"c{c}": await _run_level(client, engine, size, c, rounds) for c in levels}
+        results = {
+            f"c{c}": await _run_level(client, engine, size, c, max(rounds, -(-min_requests // c)))
+            for c in levels
+        }
     finally:
         await client.close()
         await service.close()
@@ -94,7 +99,9 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     for size in args.sizes:
-        out[size] = await _bench_size(size, args.concurrency, args.cpu_threads, args.rounds)
+        out[size] = await _bench_size(
+            size, args.concurrency, args.cpu_threads, args.rounds, args.min_requests
+        )
     if "small" in out and "speedup_c32_over_c1" in out["small"]:
         out["target_small_c32_ge_6x_c1"] = out["small"]["speedup_c32_over_c1"] >= 6.0
     out["machine"]["load_avg_1m_after"] = os.getloadavg()[0]
@@ -106,7 +113,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--rounds", type=int, default=2, help="requests per concurrent worker")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per concurrent worker (at least)")
+    parser.add_argument(
+        "--min-requests", type=int, default=8, help="requests per concurrency level (at least)"
+    )
     parser.add_argument("--cpu-threads", type=int, default=None, help="torch threads of the sampling thread")
     args = parser.parse_args()
     import logging
