@@ -112,9 +112,8 @@ class _Entry:
     created: int
     latest: int
     load_step: LoadStep
-    modules: OrderedDict[int, PreTrainedModel] = field(
-        default_factory=OrderedDict
-    )  # LRU order, latest pinned
+    # step -> module, least recently used first; the latest step is never evicted
+    modules: OrderedDict[int, PreTrainedModel] = field(default_factory=OrderedDict)
     forgotten: set[int] = field(default_factory=set)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
 
