@@ -22,22 +22,26 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import pytest
 
 import art_core as art
+from art_core.migration import train_options
 from art_core.testing.quick import (
     protocol_problems,
     result_type,
     train_signature_problems,
     unsupported_options,
 )
+from art_core.trajectories import is_choice
 
 T = TypeVar("T")
 
@@ -210,9 +214,29 @@ class BackendConformance:
         model = kit.registered_model()
         step = kit.run(kit.backend._get_step(model))
         for name in [*unsupported_options(type(kit.backend).train), "definitely_not_an_option"]:
-            with pytest.raises(TypeError):
+            with pytest.raises(TypeError, match=re.escape(name)):
                 kit.run(kit.backend.train(model, [], **{name: True}), self.failure_timeout_s)
         assert kit.run(kit.backend._get_step(model)) == step
+
+    def test_deprecated_model_train_refuses_an_option_the_backend_lacks(self, kit: Kit) -> None:
+        """ART's ``model.train(groups, _config=...)`` maps keys onto train() options; a missing one is a TypeError."""
+        model = kit.registered_model()
+        options, _ = train_options(kit.backend.train)
+        lacking = next(key for key in art.dev.TrainConfig.__annotations__ if key not in options)
+        dev_config = cast("art.dev.TrainConfig", {lacking: True})
+
+        async def old_style_call() -> tuple[str, list[str]]:
+            with warnings.catch_warnings(record=True) as caught:  # on the loop's thread, where it is raised
+                warnings.simplefilter("always")
+                with pytest.raises(TypeError) as error:
+                    await model.train([], _config=dev_config)
+            return str(error.value), [str(w.message) for w in caught if w.category is DeprecationWarning]
+
+        message, deprecations = kit.run(old_style_call(), self.failure_timeout_s)
+        assert f"has no option {lacking} (from _config); its options are: " in message
+        assert any("backend.train(model, " in text for text in deprecations), deprecations
+        assert kit.run(model.get_step()) == 0
+        assert not (model.output_dir() / "history.jsonl").exists()
 
     def test_train_advances_the_step_and_returns_its_result_type(self, kit: Kit) -> None:
         model = kit.registered_model()
@@ -225,6 +249,8 @@ class BackendConformance:
         assert not missing, f"train() metrics lack {missing}"
         assert all(isinstance(v, float) and math.isfinite(v) for v in result.metrics.values()), result.metrics
         assert result.metrics["data/step_num_groups_trainable"] == 2
+        logged = [name for name in ("history.jsonl", "trajectories") if (model.output_dir() / name).exists()]
+        assert not logged, f"train() wrote {logged}: backends never log; the caller calls model.log"
 
     def test_zero_variance_groups_are_reported_not_a_crash(self, kit: Kit) -> None:
         model = kit.registered_model()
@@ -245,6 +271,21 @@ class BackendConformance:
             )
         with pytest.raises(ValueError, match="empty"):
             kit.run(kit.backend.train(model, []), self.failure_timeout_s)
+        unscored = kit.groups(model)  # answers without logprobs (allow_training_without_logprobs is off)
+        for group in unscored:
+            for trajectory in group.trajectories:
+                trajectory.messages_and_choices = [
+                    item.model_copy(update={"logprobs": None}) if is_choice(item) else item
+                    for item in trajectory.messages_and_choices
+                ]
+        try:
+            kit.run(kit.backend.train(model, unscored), self.failure_timeout_s)
+        except Exception as error:
+            assert "logprob" in str(error).lower(), f"the error should say what is wrong: {error!r}"
+        else:
+            pytest.fail(
+                "train() accepted answers without logprobs although allow_training_without_logprobs is off"
+            )
         assert kit.run(model.get_step()) == 0
 
     def test_delete_checkpoint_files_keeps_exactly_the_given_steps(self, kit: Kit) -> None:
@@ -300,3 +341,27 @@ class BackendConformance:
             choice = completion.choices[0]
             assert choice.logprobs is not None and choice.logprobs.content
             assert all(entry.token.startswith("token_id:") for entry in choice.logprobs.content)
+
+    def test_endpoint_lists_models_and_refuses_a_wrong_api_key(self, kit: Kit) -> None:
+        if not self.supports_inference:
+            pytest.skip("supports_inference is False")
+        import openai
+
+        model = kit.registered_model()
+
+        async def list_models() -> list[str]:
+            return [entry.id async for entry in model.openai_client().models.list()]
+
+        assert isinstance(kit.run(list_models()), list)
+        stranger = openai.AsyncOpenAI(base_url=model.inference_base_url, api_key="not-the-key", max_retries=0)
+        try:
+            with pytest.raises(openai.AuthenticationError):
+                kit.run(
+                    stranger.chat.completions.create(
+                        model=model.get_inference_name(),
+                        messages=[{"role": "user", "content": "hi"}],
+                        max_tokens=2,
+                    )
+                )
+        finally:
+            kit.run(stranger.close())
