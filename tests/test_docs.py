@@ -1,0 +1,116 @@
+"""docs/writing-a-backend.md cannot drift: its code blocks are excerpts of the example plugin or run as written.
+
+Each ```python / ```toml block is preceded by ``<!-- file: PATH -->`` (the block, split at lines that are just
+``# ...``, appears in that file in order) or ``<!-- run -->`` (it runs in a fresh interpreter). The kit's
+standard tests and capability flags are all documented, and relative links resolve.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from art_core.testing import BackendConformance
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "writing-a-backend.md"
+CHECKED_LANGUAGES = {"python", "toml"}
+
+
+@dataclass(frozen=True)
+class Block:
+    line: int  # 1-based line of the opening fence
+    language: str
+    marker: str  # the HTML comment on the line before the fence, or ""
+    code: str
+
+
+def blocks(text: str) -> list[Block]:
+    """Every fenced block of ``text`` with its language and the marker comment above it."""
+    lines = text.splitlines()
+    found: list[Block] = []
+    index = 0
+    while index < len(lines):
+        opening = re.match(r"^```(\w*)\s*$", lines[index])
+        if not opening:
+            index += 1
+            continue
+        end = lines.index("```", index + 1)
+        above = next((line for line in reversed(lines[:index]) if line.strip()), "")
+        marker = above.strip() if above.strip().startswith("<!--") else ""
+        found.append(Block(index + 1, opening[1], marker, "\n".join(lines[index + 1 : end]) + "\n"))
+        index = end + 1
+    return found
+
+
+def excerpt_problem(block: Block) -> str | None:
+    """Why ``block`` is not an in-order excerpt of the file its marker names (None when it is)."""
+    match = re.fullmatch(r"<!-- file: (\S+) -->", block.marker)
+    assert match, block.marker
+    path = ROOT / match[1]
+    if not path.is_file():
+        return f"line {block.line}: {match[1]} does not exist"
+    source = path.read_text()
+    chunks = re.split(r"(?m)^[ \t]*# \.\.\.[ \t]*\n", block.code)
+    position = 0
+    for chunk in chunks:
+        found = source.find(chunk, position)
+        if found < 0:
+            return f"line {block.line}: this part is not in {match[1]} (in order):\n{chunk}"
+        position = found + len(chunk)
+    return None
+
+
+DOC_BLOCKS = blocks(DOC.read_text())
+RUN_BLOCKS = [block for block in DOC_BLOCKS if block.marker == "<!-- run -->"]
+
+
+def test_every_code_block_is_an_excerpt_or_runs() -> None:
+    unmarked = [
+        block.line
+        for block in DOC_BLOCKS
+        if block.language in CHECKED_LANGUAGES
+        and not (block.marker == "<!-- run -->" or block.marker.startswith("<!-- file: "))
+    ]
+    assert not unmarked, f"blocks at lines {unmarked} need <!-- file: PATH --> or <!-- run -->"
+    assert all(block.language == "python" for block in RUN_BLOCKS)
+    assert len([b for b in DOC_BLOCKS if b.marker.startswith("<!-- file: ")]) >= 8 and len(RUN_BLOCKS) >= 2
+
+
+def test_excerpts_match_the_example_plugin() -> None:
+    problems = [
+        problem
+        for block in DOC_BLOCKS
+        if block.marker.startswith("<!-- file: ")
+        for problem in [excerpt_problem(block)]
+        if problem is not None
+    ]
+    assert not problems, "\n\n".join(problems)
+
+
+@pytest.mark.parametrize("block", RUN_BLOCKS, ids=[f"line{block.line}" for block in RUN_BLOCKS])
+def test_runnable_blocks_run(block: Block, tmp_path: Path) -> None:
+    pytest.importorskip("art_bigram", reason="pip install -e examples/third_party_backend")
+    process = subprocess.run(
+        [sys.executable, "-c", block.code], cwd=tmp_path, capture_output=True, text=True, timeout=240
+    )
+    assert process.returncode == 0, f"block at line {block.line} failed:\n{process.stderr[-3000:]}"
+
+
+def test_every_standard_check_and_capability_flag_is_documented() -> None:
+    text = DOC.read_text()
+    tests = [name for name in vars(BackendConformance) if name.startswith("test_")]
+    flags = [name for name in BackendConformance.__annotations__ if name.startswith("supports_")]
+    missing = [name for name in [*tests, *flags] if f"`{name}`" not in text]
+    assert not missing, f"docs/writing-a-backend.md does not mention {missing}"
+
+
+def test_relative_links_resolve() -> None:
+    targets = re.findall(r"\]\((?!https?://)([^)#]+)\)", DOC.read_text())
+    broken = [target for target in targets if not (DOC.parent / target).exists()]
+    assert targets and not broken, broken
