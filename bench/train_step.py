@@ -1,8 +1,8 @@
 """Benchmark: one warm ``LocalBackend.train()`` step vs a minimal hand-written PyTorch GRPO step.
 
 Same model (``art_local.tiny`` sizes), same batch (8 completions of 32 tokens, groups of 4), LoRA and full
-fine-tune. Each (size, mode, implementation) runs in its own process so peak RSS is its own; the two
-implementations alternate to share the machine's noise. Prints exactly one JSON line.
+fine-tune. The two implementations alternate step by step in one process so they share the machine's noise; peak RSS
+comes from a separate process per implementation. Prints exactly one JSON line.
 
     .venv/bin/python bench/train_step.py --sizes tiny,small --steps 10
 """
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 COMPLETIONS, GROUP_SIZE, COMPLETION_TOKENS = 8, 4, 32
@@ -59,7 +60,11 @@ def _groups(specs: list[tuple[list[dict[str, str]], list[int], float]]) -> list[
     return [art.TrajectoryGroup(trajectories[i : i + GROUP_SIZE]) for i in range(0, COMPLETIONS, GROUP_SIZE)]
 
 
-def _time_local(size: str, mode: str, steps: int, warmup: int) -> list[float]:
+Stepper = Callable[[], None]
+
+
+def _local_stepper(size: str, mode: str, workdir: str) -> Stepper:
+    """One warm ``LocalBackend.train()`` call per invocation (checkpoint writes off, as in a hot loop)."""
     from transformers import AutoTokenizer
 
     import art_core as art
@@ -69,28 +74,22 @@ def _time_local(size: str, mode: str, steps: int, warmup: int) -> list[float]:
 
     directory = build_tiny_model(size)  # type: ignore[arg-type]
     groups = _groups(_batch_spec(AutoTokenizer.from_pretrained(directory)))
-    config = TrainerConfig(lora_rank=LORA_RANK if mode == "lora" else None)
+    backend = LocalBackend(
+        workdir, device="cpu", trainer_config=TrainerConfig(lora_rank=LORA_RANK if mode == "lora" else None)
+    )
+    model = art.TrainableModel(name="bench", project="bench", base_model=str(directory))
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(backend.register(model))
 
-    async def run() -> list[float]:
-        with tempfile.TemporaryDirectory() as path:
-            backend = LocalBackend(path, device="cpu", trainer_config=config)
-            model = art.TrainableModel(name="bench", project="bench", base_model=str(directory))
-            await backend.register(model)
-            times = []
-            for index in range(warmup + steps):
-                start = time.perf_counter()
-                await backend.train(
-                    model, groups, learning_rate=LEARNING_RATE, ppo=True, save_checkpoint=False
-                )
-                if index >= warmup:
-                    times.append(time.perf_counter() - start)
-            await backend.close()
-            return times
+    def step() -> None:
+        loop.run_until_complete(
+            backend.train(model, groups, learning_rate=LEARNING_RATE, ppo=True, save_checkpoint=False)
+        )
 
-    return asyncio.run(run())
+    return step
 
 
-def _time_baseline(size: str, mode: str, steps: int, warmup: int) -> list[float]:
+def _baseline_stepper(size: str, mode: str) -> Stepper:
     """The minimal GRPO step: padded batch, forward, clipped policy loss, backward, clip, AdamW."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,15 +121,12 @@ def _time_baseline(size: str, mode: str, steps: int, warmup: int) -> list[float]
         attention[row, : len(prompt_ids) + len(ids)] = 1
         completion[row, len(prompt_ids) : len(prompt_ids) + len(ids)] = True
     rewards = torch.tensor([reward for _, _, reward in specs]).view(-1, GROUP_SIZE)
-    advantages = (rewards - rewards.mean(1, keepdim=True)) / (
-        rewards.std(1, unbiased=False, keepdim=True) + 1e-6
-    )
-    advantages = advantages.view(-1, 1).expand(-1, length - 1)
+    centred = rewards - rewards.mean(1, keepdim=True)
+    advantages = (centred / (rewards.std(1, unbiased=False, keepdim=True) + 1e-6)).view(-1, 1)
     mask = completion[:, 1:]
     old = torch.full(mask.shape, -6.9)
-    times = []
-    for index in range(warmup + steps):
-        start = time.perf_counter()
+
+    def step() -> None:
         logits = model(input_ids=tokens, attention_mask=attention).logits[:, :-1].float()
         new = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
         ratio = torch.exp(new - old)
@@ -140,25 +136,57 @@ def _time_baseline(size: str, mode: str, steps: int, warmup: int) -> list[float]
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+
+    return step
 
 
-def _worker(args: argparse.Namespace) -> None:
-    timer = _time_local if args.worker == "local" else _time_baseline
-    times = timer(args.size, args.mode, args.steps, args.warmup)
+def _timed(step: Stepper) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def _interleaved(size: str, mode: str, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Alternate one local and one baseline step, so both see the same machine noise."""
+    with tempfile.TemporaryDirectory() as workdir:
+        steppers = {"local": _local_stepper(size, mode, workdir), "baseline": _baseline_stepper(size, mode)}
+        for _ in range(warmup):
+            for step in steppers.values():
+                step()
+        times: dict[str, list[float]] = {"local": [], "baseline": []}
+        for index in range(steps):
+            order = ("local", "baseline") if index % 2 == 0 else ("baseline", "local")
+            for kind in order:
+                times[kind].append(_timed(steppers[kind]))
+        return times
+
+
+def _peak_rss_worker(kind: str, size: str, mode: str, steps: int) -> None:
+    with tempfile.TemporaryDirectory() as workdir:
+        step = _local_stepper(size, mode, workdir) if kind == "local" else _baseline_stepper(size, mode)
+        for _ in range(steps):
+            step()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    print(json.dumps({"median_s": statistics.median(times), "peak_rss_mb": peak_mb, "times_s": times}))
+    print(json.dumps({"peak_rss_mb": peak_mb}))
 
 
-def _run_worker(kind: str, size: str, mode: str, steps: int, warmup: int) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--worker", kind, "--size", size, "--mode", mode]
-    command += ["--steps", str(steps), "--warmup", str(warmup)]
+def _peak_rss(kind: str, size: str, mode: str, steps: int) -> float:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--size",
+        size,
+        "--mode",
+        mode,
+        "--steps",
+        str(steps),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} worker ({size}, {mode}) failed: {done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"])
 
 
 def main() -> None:
@@ -168,24 +196,18 @@ def main() -> None:
     parser.add_argument("--modes", default="lora,full")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating worker runs per implementation")
     parser.add_argument("--worker", choices=["local", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        _worker(args)
+        _peak_rss_worker(args.worker, args.size, args.mode, args.warmup + 2)
         return
     results = []
     for size in args.sizes.split(","):
         for mode in args.modes.split(","):
-            runs: dict[str, list[dict[str, Any]]] = {"local": [], "baseline": []}
-            for round_index in range(args.rounds):
-                order = ("local", "baseline") if round_index % 2 == 0 else ("baseline", "local")
-                for kind in order:
-                    runs[kind].append(_run_worker(kind, size, mode, args.steps, args.warmup))
-            local = statistics.median(t for run in runs["local"] for t in run["times_s"])
-            baseline = statistics.median(t for run in runs["baseline"] for t in run["times_s"])
+            times = _interleaved(size, mode, args.steps, args.warmup)
+            local, baseline = statistics.median(times["local"]), statistics.median(times["baseline"])
             results.append(
                 {
                     "size": size,
@@ -193,8 +215,11 @@ def main() -> None:
                     "local_median_s": round(local, 5),
                     "baseline_median_s": round(baseline, 5),
                     "ratio": round(local / baseline, 4),
-                    "local_peak_rss_mb": round(max(run["peak_rss_mb"] for run in runs["local"]), 1),
-                    "baseline_peak_rss_mb": round(max(run["peak_rss_mb"] for run in runs["baseline"]), 1),
+                    "local_min_s": round(min(times["local"]), 5),
+                    "baseline_min_s": round(min(times["baseline"]), 5),
+                    "ratio_of_mins": round(min(times["local"]) / min(times["baseline"]), 4),
+                    "local_peak_rss_mb": round(_peak_rss("local", size, mode, args.warmup + 2), 1),
+                    "baseline_peak_rss_mb": round(_peak_rss("baseline", size, mode, args.warmup + 2), 1),
                 }
             )
     import torch
@@ -203,7 +228,6 @@ def main() -> None:
         "bench": "train_step",
         "batch": f"{COMPLETIONS} completions x {COMPLETION_TOKENS} tokens, groups of {GROUP_SIZE}",
         "steps_per_run": args.steps,
-        "rounds": args.rounds,
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
         "results": results,

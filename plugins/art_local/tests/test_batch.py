@@ -271,3 +271,17 @@ def test_packed_and_unpacked_logprobs_agree(
         for batch, logprobs in ((packed, packed_lp), (unpacked, unpacked_lp)):
             picked = logprobs[batch.loss_mask_BT & (batch.sequence_index_BT == index)]
             torch.testing.assert_close(picked, reference, atol=1e-5, rtol=0)
+
+
+def test_the_per_batch_template_cache_changes_nothing(
+    tiny_tokenizer: Any, sort_groups: Callable[..., list[Any]]
+) -> None:
+    groups = sort_groups(2)
+    prepared = prepare_batch(groups, tiny_tokenizer)
+    uncached = [
+        tokenize_history(t.messages_and_choices, t.tools, tiny_tokenizer)
+        for g in groups
+        for t in g.trajectories
+    ]
+    assert [s.tokens for s in prepared.sequences] == [h.tokens for h in uncached if h is not None]
+    assert [s.trained for s in prepared.sequences] == [h.trained for h in uncached if h is not None]

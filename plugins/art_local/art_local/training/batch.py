@@ -66,16 +66,12 @@ class TrainBatch:
 def attention_mask_B1TT(batch: TrainBatch) -> torch.Tensor:
     """Boolean [rows, 1, T, T] mask (True = may attend): causal, within a segment or to its shared prompt."""
     segment_BT, prefix_BT = batch.segment_ids_BT, batch.prefix_segment_ids_BT
-    length = segment_BT.shape[1]
-    causal_TT = torch.ones(length, length, dtype=torch.bool, device=segment_BT.device).tril()
-    key_B1T = segment_BT[:, None, :]
-    same_BTT = key_B1T == segment_BT[:, :, None]
-    shared_BTT = key_B1T == prefix_BT[:, :, None]
-    allowed_BTT = causal_TT & (key_B1T > 0) & (same_BTT | shared_BTT)
-    allowed_BTT |= torch.eye(
-        length, dtype=torch.bool, device=segment_BT.device
-    )  # padding rows never all-masked
-    return allowed_BTT[:, None, :, :]
+    position_T = torch.arange(segment_BT.shape[1], device=segment_BT.device)
+    causal_TT = position_T[:, None] >= position_T[None, :]
+    key_B1T = torch.where(segment_BT > 0, segment_BT, -1)[:, None, :]  # padding keys match no query
+    visible_BTT = (key_B1T == segment_BT[:, :, None]) | (key_B1T == prefix_BT[:, :, None])
+    diagonal_TT = position_T[:, None] == position_T[None, :]  # so a padding query is never fully masked
+    return ((visible_BTT & causal_TT) | diagonal_TT)[:, None, :, :]
 
 
 @dataclass(frozen=True)
@@ -254,7 +250,13 @@ def _histories(trajectory: Any) -> list[tuple[Sequence[Any], Sequence[Any] | Non
 
 
 def _tokenize_group(
-    group: TrajectoryGroup, g: int, advantages: list[float], tokenizer: Any, allow: bool, max_length: int
+    group: TrajectoryGroup,
+    g: int,
+    advantages: list[float],
+    tokenizer: Any,
+    allow: bool,
+    max_length: int,
+    cache: dict[Any, Any],
 ) -> tuple[list[tuple[int, list[TokenizedHistory]]], int]:
     """(trajectory index, kept histories) for each trajectory with a nonzero advantage; and the drop count."""
     kept: list[tuple[int, list[TokenizedHistory]]] = []
@@ -264,7 +266,9 @@ def _tokenize_group(
             continue
         where = f"group {g}, trajectory {t}"
         tokenized = [
-            tokenize_history(messages, tools, tokenizer, allow_training_without_logprobs=allow, where=where)
+            tokenize_history(
+                messages, tools, tokenizer, allow_training_without_logprobs=allow, where=where, cache=cache
+            )
             for messages, tools in _histories(trajectory)
         ]
         found = [history for history in tokenized if history is not None]
@@ -300,6 +304,7 @@ def prepare_batch(
 ) -> PreparedBatch:
     """Validate groups, compute advantages and token weights (art_core), tokenize and pack."""
     groups = check_groups(trajectory_groups)
+    cache: dict[Any, Any] = {}  # renderings and encodings shared within this batch
     per_trajectory: list[tuple[float, list[TokenizedHistory], int]] = []
     trainable_groups = dropped = 0
     for g, group in enumerate(groups):
@@ -308,7 +313,7 @@ def prepare_batch(
             continue
         trainable_groups += 1
         kept, group_dropped = _tokenize_group(
-            group, g, advantages, tokenizer, allow_training_without_logprobs, max_sequence_length
+            group, g, advantages, tokenizer, allow_training_without_logprobs, max_sequence_length, cache
         )
         dropped += group_dropped
         if not kept and not group_dropped:

@@ -7,6 +7,7 @@ template text around it is tokenized as the inference server tokenized its promp
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,11 +71,32 @@ def _as_message(item: Any) -> dict[str, Any]:
     return message
 
 
-def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: Sequence[Any] | None) -> str:
+def _render(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: Sequence[Any] | None,
+    cache: dict[Any, Any] | None = None,
+) -> str:
+    key = (
+        ("render", json.dumps([messages, tools], sort_keys=True, default=repr)) if cache is not None else None
+    )
+    if cache is not None and key in cache:
+        return cache[key]  # type: ignore[no-any-return]
     text = tokenizer.apply_chat_template(messages, tools=list(tools) if tools else None, tokenize=False)
     if not isinstance(text, str):
         raise TypeError(f"the chat template rendered a {type(text).__name__}, not text")
+    if cache is not None:
+        cache[key] = text
     return text
+
+
+def _encode(tokenizer: Any, text: str, cache: dict[Any, Any] | None) -> list[int]:
+    if cache is not None and ("encode", text) in cache:
+        return cache["encode", text]  # type: ignore[no-any-return]
+    ids: list[int] = tokenizer.encode(text, add_special_tokens=False) if text else []
+    if cache is not None:
+        cache["encode", text] = ids
+    return ids
 
 
 def _content_token_ids(
@@ -100,12 +122,14 @@ def tokenize_history(
     *,
     allow_training_without_logprobs: bool = False,
     where: str = "history",
+    cache: dict[Any, Any] | None = None,
 ) -> TokenizedHistory | None:
     """Render and tokenize one conversation; None when nothing in it is trainable.
 
     Trainable: every ``Choice`` with logprobs, and (with ``allow_training_without_logprobs``) every ``Choice``
     without them, tokenized from its message. Plain message dicts are context. Text after the last trained
-    token is left out: it cannot change the loss.
+    token is left out: it cannot change the loss. ``cache`` (a dict kept for one batch) reuses renderings
+    and encodings shared by the trajectories of a group.
     """
     items = list(messages_and_choices)
     sampled: dict[int, tuple[list[int], list[float]] | None] = {}
@@ -124,7 +148,7 @@ def tokenize_history(
         {"role": "assistant", "content": _SENTINEL.format(index)} if index in sampled else _as_message(item)
         for index, item in enumerate(items)
     ]
-    text = _render(tokenizer, messages, tools)
+    text = _render(tokenizer, messages, tools, cache)
     special_text = {
         token_id: tokenizer.convert_ids_to_tokens(token_id) for token_id in tokenizer.all_special_ids
     }
@@ -142,7 +166,7 @@ def tokenize_history(
         segment = text[cursor:at]
         if pending_special and segment.startswith(pending_special):
             segment = segment[len(pending_special) :]  # the sampled end-of-turn token is already in place
-        context = tokenizer.encode(segment, add_special_tokens=False) if segment else []
+        context = _encode(tokenizer, segment, cache)
         found = sampled[index]
         ids, values = (
             found
