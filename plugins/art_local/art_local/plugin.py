@@ -1,4 +1,4 @@
-"""Entry point of art-local (group ``art``): registers the ``local`` backend."""
+"""Entry point of art-local (group ``art``): registers the ``local`` backend and the ``art demo`` command."""
 
 from __future__ import annotations
 
@@ -13,3 +13,11 @@ def art_register_backends(register: Callable[[str, type[Any]], None]) -> None:
     from art_local.backend import LocalBackend
 
     register("local", LocalBackend)
+
+
+@hookimpl
+def art_register_commands(cli: Any) -> None:
+    """``art demo``: a real RL run on this machine that visibly learns (art_local.demo)."""
+    from art_local.demo.cli import demo
+
+    cli.add_command(demo)

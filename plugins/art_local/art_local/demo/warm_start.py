@@ -1,0 +1,186 @@
+"""Format-only warm start: SFT on *random permutations* of the prompt's letters, so the model learns to answer with
+three letters and stop, not to sort (exact accuracy after it stays near chance, 1/6). Sorting comes from RL.
+
+A freshly initialised tiny model never samples a well-formed answer, so RL alone has no signal (DEMO_TASK.md).
+The result is cached as a model directory beside the tiny model, so a second run skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from art_local.demo.task import Triple, messages, split_triples
+
+if TYPE_CHECKING:
+    import torch
+
+    from art_local.training import TrainBatch
+
+WARM_START_LABEL = "format-only warm start: teaches the answer format, not sorting"
+WARM_START_VERSION = 1  # bump when the recipe below changes what gets written
+_PACK_CAPACITY = 128  # tokens per packed row; one example is ~19 tokens
+
+
+@dataclass(frozen=True)
+class WarmStartConfig:
+    """The SFT recipe: ``steps`` AdamW steps of ``batch_size`` examples, loss on answer tokens only."""
+
+    steps: int = 500
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    seed: int = 0
+
+    def tag(self) -> str:
+        """A directory-name suffix that changes whenever the recipe does."""
+        lr = f"{self.learning_rate:g}".replace(".", "p").replace("-", "m")
+        return f"sortformat-v{WARM_START_VERSION}-{self.steps}x{self.batch_size}-lr{lr}-seed{self.seed}"
+
+
+def warm_start_dir(base_model: Path, config: WarmStartConfig) -> Path:
+    """Where the warm-started model of ``base_model`` is cached: a sibling directory."""
+    return base_model.parent / f"{base_model.name}-{config.tag()}"
+
+
+def format_examples(
+    triples: Sequence[Triple], tokenizer: Any, rng: random.Random, count: int
+) -> list[tuple[list[int], list[int]]]:
+    """``count`` (prompt ids, answer ids) pairs: a random train prompt, answered by a random permutation + eos."""
+    examples = []
+    for _ in range(count):
+        triple = rng.choice(triples)
+        text = tokenizer.apply_chat_template(messages(triple), add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+        shuffled = "".join(rng.sample(triple, 3))
+        answer_ids = [*tokenizer.encode(shuffled, add_special_tokens=False), tokenizer.eos_token_id]
+        examples.append((prompt_ids, answer_ids))
+    return examples
+
+
+def sft_batch(examples: Sequence[tuple[list[int], list[int]]]) -> TrainBatch:
+    """Pack examples into one batch whose loss mask covers the answer tokens only."""
+    from art_local.training import PackSequence, pack_sequences
+
+    sequences = [
+        PackSequence(
+            tokens=(*prompt_ids, *answer_ids),
+            trained=(False,) * len(prompt_ids) + (True,) * len(answer_ids),
+            logprobs=(float("nan"),) * (len(prompt_ids) + len(answer_ids)),
+            group=index,  # no prompt sharing: every example is its own sequence
+        )
+        for index, (prompt_ids, answer_ids) in enumerate(examples)
+    ]
+    return pack_sequences(sequences, capacity=_PACK_CAPACITY, share_prompts=False)
+
+
+def negative_log_likelihood(
+    logprobs_BT: torch.Tensor, batch: TrainBatch
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean negative log-likelihood of the answer tokens (the SFT loss)."""
+    import torch
+
+    mask_BT = batch.loss_mask_BT
+    total = torch.where(mask_BT, logprobs_BT, torch.zeros_like(logprobs_BT)).sum()
+    loss = -total / mask_BT.sum().clamp(min=1)
+    return loss, {"sft/nll": float(loss.detach())}
+
+
+def format_warm_start(
+    base_model: Path,
+    config: WarmStartConfig = WarmStartConfig(),
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> Path:
+    """Return the cached warm-started model directory of ``base_model``, training it first if needed."""
+    target = warm_start_dir(base_model, config)
+    if (target / "warm_start.json").is_file():
+        return target
+    started = time.perf_counter()
+    weights, final_nll = _train(base_model, config, device=device, progress=progress)
+    record = {
+        "what": WARM_START_LABEL,
+        "base_model": str(base_model),
+        "recipe": asdict(config),
+        "final_answer_nll": final_nll,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    _write_model_dir(base_model, target, weights, record)
+    return target
+
+
+def _train(
+    base_model: Path, config: WarmStartConfig, *, device: str | torch.device | None, progress: bool
+) -> tuple[dict[str, torch.Tensor], float]:
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from art_local.training import (
+        TrainerConfig,
+        TrainingState,
+        build_components,
+        forward_backward_custom,
+        get_weights,
+        optim_step,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    trainer = TrainerConfig(lora_rank=None, learning_rate=config.learning_rate, seed=config.seed)
+    components = build_components(base_model, trainer, device=device)
+    train_triples, _ = split_triples()
+    rng = random.Random(config.seed)
+    state = TrainingState()
+    nll = float("nan")
+    bar = tqdm(range(config.steps), desc=WARM_START_LABEL, unit="step", disable=not progress, leave=False)
+    for _ in bar:
+        batch = sft_batch(format_examples(train_triples, tokenizer, rng, config.batch_size))
+        metrics = forward_backward_custom(components, batch, negative_log_likelihood)
+        state = optim_step(components, state, trainer, tokens=batch.num_trained_tokens)
+        nll = metrics["sft/nll"]
+        bar.set_postfix(nll=f"{nll:.3f}", refresh=False)
+    bar.close()
+    return get_weights(components), nll  # full fine-tune: keyed like the base model's state_dict()
+
+
+def _write_model_dir(
+    base_model: Path, target: Path, weights: dict[str, torch.Tensor], record: dict[str, Any]
+) -> None:
+    """Copy the base model's files, replace its weights, then rename into place (atomic; a lost race is fine)."""
+    from safetensors.torch import save_file
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        for source in base_model.iterdir():
+            if source.is_file() and source.name != "model.safetensors":
+                shutil.copy2(source, staging / source.name)
+        tensors = {key: value.detach().cpu().contiguous() for key, value in weights.items()}
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "warm_start.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        for path in staging.iterdir():
+            _fsync(path)
+        _fsync(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "warm_start.json").is_file():
+                raise
+        _fsync(target.parent)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
