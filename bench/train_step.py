@@ -166,8 +166,19 @@ def _peak_rss_worker(kind: str, size: str, mode: str, steps: int) -> None:
         step = _local_stepper(size, mode, workdir) if kind == "local" else _baseline_stepper(size, mode)
         for _ in range(steps):
             step()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    print(json.dumps({"peak_rss_mb": peak_mb}))
+    print(json.dumps({"peak_rss_mb": _own_peak_rss_mb()}))
+
+
+def _own_peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (getrusage's ru_maxrss keeps the parent's peak across fork + exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _peak_rss(kind: str, size: str, mode: str, steps: int) -> float:
