@@ -108,7 +108,7 @@ def backend_train_kwargs(
     if "verbose" in options:
         requested.setdefault("verbose", (verbose, "verbose"))
     elif verbose:
-        requested["verbose"] = (True, "verbose")
+        requested["verbose"] = (True, "verbose=True")
     unsupported = [
         f"{name} (from {source})"
         for name, (_, source) in requested.items()

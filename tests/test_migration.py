@@ -82,7 +82,7 @@ async def test_model_train_warns_maps_the_configs_and_logs_like_art(base_path: s
             "grad_accumulation_sequences (from config)",
         ),
         (None, {"scale_reward": False}, False, "scale_reward (from _config)"),  # a typo is refused too
-        (None, None, True, "verbose (from verbose)"),
+        (None, None, True, "verbose (from verbose=True)"),
     ],
 )
 async def test_a_key_the_backend_lacks_is_a_type_error_listing_its_options(
