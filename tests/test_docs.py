@@ -114,3 +114,11 @@ def test_relative_links_resolve() -> None:
     targets = re.findall(r"\]\((?!https?://)([^)#]+)\)", DOC.read_text())
     broken = [target for target in targets if not (DOC.parent / target).exists()]
     assert targets and not broken, broken
+
+
+def test_the_package_tree_lists_the_example_files() -> None:
+    (tree,) = [block for block in DOC_BLOCKS if block.language == "text"]
+    example = ROOT / "examples" / "third_party_backend"
+    listed = set(re.findall(r"[\w.]+\.(?:py|toml)\b", tree.code))
+    present = {path.name for path in example.rglob("*") if path.suffix in {".py", ".toml"}}
+    assert listed == present - {"__init__.py"}, (listed, present)
