@@ -12,6 +12,7 @@ import torch
 
 import art_core as art
 from art_core.results import LocalTrainResult
+from art_core.testing import BackendConformance
 from art_local.backend import LocalBackend
 from art_local.training import TrainerConfig, compute_logprobs, get_weights, pack_sequences, tokenize_history
 from art_local.training.logprobs import causal_lm
@@ -329,3 +330,21 @@ async def test_delete_checkpoints_and_resume(
         assert (await resumed_backend.train(again, sort_groups(1))).step == 4
     finally:
         await resumed_backend.close()
+
+
+class TestLocalBackendConformance(BackendConformance):
+    """art_core's conformance kit on LocalBackend with the tiny model (real server, real rollouts)."""
+
+    learning_rate = 1e-2
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> LocalBackend:
+        return LocalBackend(str(tmp_path / "conformance"), device="cpu")
+
+    @pytest.fixture
+    def base_model(self, tiny_model_dir: Path) -> str:
+        return str(tiny_model_dir)
+
+    @pytest.fixture
+    def fresh_backend(self, tmp_path: Path) -> Callable[[], LocalBackend]:
+        return lambda: LocalBackend(str(tmp_path / "conformance"), device="cpu")
