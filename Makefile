@@ -9,12 +9,11 @@ PACKAGES := -e ".[dev,wandb,plot]" \
 	-e "plugins/art_local[dev]" \
 	-e "plugins/art_serverless[dev,server]" \
 	-e "plugins/art_tinker[dev,server]" \
-	-e "examples/third_party_backend[dev]" \
-	"pyright[nodejs]==1.1.414"
+	-e "examples/third_party_backend[dev]"
 
 .PHONY: install test lint typecheck pytest demo bench clean
 
-$(STAMP): pyproject.toml plugins/*/pyproject.toml
+$(STAMP): pyproject.toml plugins/*/pyproject.toml examples/*/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet $(PACKAGES)
