@@ -245,6 +245,12 @@ def test_checkpoint_from_another_config_is_refused_unless_allowed(
         load_checkpoint(fresh, tmp_path / "0003", other)
     assert load_checkpoint(fresh, tmp_path / "0003", other, allow_config_mismatch=True).step == 3
     assert fresh.optimizer.param_groups[0]["weight_decay"] == 0.1  # this run's settings win
+    import shutil
+
+    moved = build_components(shutil.copytree(tiny_model_dir, tmp_path / "moved-model"), LORA, device="cpu")
+    with pytest.raises(CheckpointMismatchError, match="moved-model"):
+        load_checkpoint(moved, tmp_path / "0003", LORA)
+    assert load_checkpoint(moved, tmp_path / "0003", LORA, allow_config_mismatch=True).step == 3
     full = build_components(tiny_model_dir, FULL, device="cpu")
     with pytest.raises(CheckpointMismatchError, match="lora"):
         load_checkpoint(full, tmp_path / "0003", FULL, allow_config_mismatch=True)

@@ -239,6 +239,12 @@ def check_compatible(
             f"checkpoint {directory} holds {metadata.get('kind')} weights but this trainer is {kind}; "
             "use the same lora_rank setting (None = full fine-tune) or another model name"
         )
+    if metadata.get("base_model") != components.base_model and not allow:
+        raise CheckpointMismatchError(
+            f"checkpoint {directory} was trained from base_model {metadata.get('base_model')!r} but this run loads "
+            f"{components.base_model!r}; pass allow_config_mismatch=True if it is the same model in another place, "
+            "or use another model name"
+        )
     if metadata.get("fingerprint") != config.fingerprint() and not allow:
         raise CheckpointMismatchError(
             f"checkpoint {directory} was written with trainer config {metadata.get('fingerprint_fields')} "

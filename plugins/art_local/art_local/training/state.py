@@ -150,7 +150,7 @@ def check_base_model(base_model: str | Path) -> str:
             raise ValueError(
                 f"base_model directory {text!r} has no config.json; point it at a saved HF model"
             )
-        return str(path)
+        return str(path.resolve())
     if looks_like_path:
         raise FileNotFoundError(
             f"base_model {text!r} is not an existing directory; build one with art_local.tiny.build_tiny_model() "
