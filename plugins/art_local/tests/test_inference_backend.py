@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
 import art_core as art
 from art_core.trajectories import is_choice
 from art_local.backend import LocalBackend
@@ -35,7 +36,12 @@ async def registered(backend: LocalBackend, base_model: Path, name: str = "agent
 
 async def greedy(model: art.TrainableModel, name: str, tokens: int = 16) -> list[str]:
     response = await model.openai_client().chat.completions.create(
-        model=name, messages=PROMPT, temperature=0, max_tokens=tokens, logprobs=True, extra_body={"ignore_eos": True}
+        model=name,
+        messages=PROMPT,
+        temperature=0,
+        max_tokens=tokens,
+        logprobs=True,
+        extra_body={"ignore_eos": True},
     )
     assert response.choices[0].logprobs is not None and response.choices[0].logprobs.content is not None
     return [entry.token for entry in response.choices[0].logprobs.content]
@@ -50,7 +56,10 @@ async def sampled_groups(model: art.TrainableModel, groups: int = 2, n: int = 4)
             model=model.get_inference_name(), messages=messages, n=n, max_tokens=12, logprobs=True, seed=g
         )
         trajectories = [
-            art.Trajectory(messages_and_choices=[*messages, choice], reward=float(sum(ch in "acd" for ch in choice.message.content or "")) + i)
+            art.Trajectory(
+                messages_and_choices=[*messages, choice],
+                reward=float(sum(ch in "acd" for ch in choice.message.content or "")) + i,
+            )
             for i, choice in enumerate(response.choices)
         ]
         result.append(art.TrajectoryGroup(trajectories))
@@ -108,7 +117,9 @@ async def test_sampler_and_trainer_agree_on_token_ids_and_logprobs(
     model = await registered(backend, tiny_model_dir)
     at_base = agreement(backend, model, await sampled_groups(model))
     await backend.train(model, await sampled_groups(model), learning_rate=2e-2)
-    at_step_1 = agreement(backend, model, await sampled_groups(model))  # merged LoRA served vs unmerged trained
+    at_step_1 = agreement(
+        backend, model, await sampled_groups(model)
+    )  # merged LoRA served vs unmerged trained
     print(f"\nmax |trainer - sampler| logprob: step 0 {at_base:.3g}, step 1 {at_step_1:.3g}")
     assert at_base < 1e-4 and at_step_1 < 1e-4
 
