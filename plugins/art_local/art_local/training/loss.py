@@ -108,6 +108,30 @@ def importance_ratio(
     return torch.sqrt(ratio_BT * sequence_ratio_BT)
 
 
+def _shaped_advantages(
+    advantages_BT: torch.Tensor,
+    delta_BT: torch.Tensor,
+    new_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    config: LossConfig,
+    ref_logprobs_BT: torch.Tensor | None,
+    metrics: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """A − τ·δ (kimi_k2_tau) + β·(mean(k) − k) (KL to the reference); records ``loss/kl_policy_ref``."""
+    shaped_BT = advantages_BT
+    if config.kimi_k2_tau is not None:
+        shaped_BT = shaped_BT - config.kimi_k2_tau * delta_BT.detach()
+    if config.kl_penalty_coef > 0:
+        if ref_logprobs_BT is None:
+            raise ValueError("kl_penalty_coef > 0 needs ref_logprobs_BT (the base model's logprobs)")
+        zeros_BT = torch.zeros_like(new_BT)
+        kl_BT = torch.where(mask_BT, (new_BT - ref_logprobs_BT.to(new_BT.dtype)).detach(), zeros_BT)
+        kl_mean = kl_BT.sum() / (mask_BT.sum().to(new_BT.dtype) + 1e-6)
+        shaped_BT = shaped_BT + config.kl_penalty_coef * (kl_mean - kl_BT)
+        metrics["loss/kl_policy_ref"] = kl_mean
+    return shaped_BT
+
+
 def policy_loss(
     new_logprobs_BT: torch.Tensor,
     *,
@@ -142,17 +166,10 @@ def policy_loss(
         inside_BT = (ratio_BT > 1 - epsilon) & (ratio_BT < 1 + epsilon_high)
         ratio_BT = torch.where(inside_BT, ratio_BT, zeros_BT)
     token_count = mask_BT.sum().to(new_BT.dtype)
-    effective_BT = advantages_BT
-    if config.kimi_k2_tau is not None:
-        effective_BT = effective_BT - config.kimi_k2_tau * delta_BT.detach()
     metrics: dict[str, torch.Tensor] = {}
-    if config.kl_penalty_coef > 0:
-        if ref_logprobs_BT is None:
-            raise ValueError("kl_penalty_coef > 0 needs ref_logprobs_BT (the base model's logprobs)")
-        kl_BT = torch.where(mask_BT, (new_BT - ref_logprobs_BT.to(new_BT.dtype)).detach(), zeros_BT)
-        kl_mean = kl_BT.sum() / (token_count + 1e-6)
-        effective_BT = effective_BT + config.kl_penalty_coef * (kl_mean - kl_BT)
-        metrics["loss/kl_policy_ref"] = kl_mean
+    effective_BT = _shaped_advantages(
+        advantages_BT, delta_BT, new_BT, mask_BT, config, ref_logprobs_BT, metrics
+    )
     clipped_BT = ratio_BT.clamp(1 - epsilon, 1 + epsilon_high)
     if config.ppo:
         token_loss_BT = -torch.minimum(ratio_BT * effective_BT, clipped_BT * effective_BT)
