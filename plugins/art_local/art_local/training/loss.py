@@ -116,8 +116,12 @@ def _shaped_advantages(
     config: LossConfig,
     ref_logprobs_BT: torch.Tensor | None,
     metrics: dict[str, torch.Tensor],
+    kl_mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A − τ·δ (kimi_k2_tau) + β·(mean(k) − k) (KL to the reference); records ``loss/kl_policy_ref``."""
+    """A − τ·δ (kimi_k2_tau) + β·(mean(k) − k) (KL to the reference); records ``loss/kl_policy_ref``.
+
+    ``kl_mean`` replaces mean(k) over these tokens (data-parallel ranks pass the mean over all ranks' tokens).
+    """
     shaped_BT = advantages_BT
     if config.kimi_k2_tau is not None:
         shaped_BT = shaped_BT - config.kimi_k2_tau * delta_BT.detach()
@@ -126,7 +130,10 @@ def _shaped_advantages(
             raise ValueError("kl_penalty_coef > 0 needs ref_logprobs_BT (the base model's logprobs)")
         zeros_BT = torch.zeros_like(new_BT)
         kl_BT = torch.where(mask_BT, (new_BT - ref_logprobs_BT.to(new_BT.dtype)).detach(), zeros_BT)
-        kl_mean = kl_BT.sum() / (mask_BT.sum().to(new_BT.dtype) + 1e-6)
+        if kl_mean is None:
+            kl_mean = kl_BT.sum() / (mask_BT.sum().to(new_BT.dtype) + 1e-6)
+        else:
+            kl_mean = kl_mean.to(device=new_BT.device, dtype=new_BT.dtype)
         shaped_BT = shaped_BT + config.kl_penalty_coef * (kl_mean - kl_BT)
         metrics["loss/kl_policy_ref"] = kl_mean
     return shaped_BT
@@ -144,11 +151,13 @@ def policy_loss(
     ref_logprobs_BT: torch.Tensor | None = None,
     original_logprobs_BT: torch.Tensor | None = None,
     num_trained_tokens: float | None = None,
+    kl_mean: torch.Tensor | None = None,
 ) -> PolicyLoss:
     """RL_MATH §3: sum over trained tokens of L_t·w_t divided by (trained tokens + 1e-6).
 
     ``old_logprobs_BT`` NaN means unknown (old := new.detach()). ``original_logprobs_BT`` are the sampler's
-    values when ``old`` was precalculated. ``num_trained_tokens`` overrides the denominator (micro-batches).
+    values when ``old`` was precalculated. ``num_trained_tokens`` overrides the denominator (micro-batches);
+    ``kl_mean`` overrides the mean KL of these tokens (data-parallel ranks: the mean over every rank's tokens).
     """
     mask_BT = loss_mask_BT.bool()
     zeros_BT = torch.zeros_like(new_logprobs_BT)
@@ -168,7 +177,7 @@ def policy_loss(
     token_count = mask_BT.sum().to(new_BT.dtype)
     metrics: dict[str, torch.Tensor] = {}
     effective_BT = _shaped_advantages(
-        advantages_BT, delta_BT, new_BT, mask_BT, config, ref_logprobs_BT, metrics
+        advantages_BT, delta_BT, new_BT, mask_BT, config, ref_logprobs_BT, metrics, kl_mean
     )
     clipped_BT = ratio_BT.clamp(1 - epsilon, 1 + epsilon_high)
     if config.ppo:

@@ -15,6 +15,7 @@ from art_local.training.loss import LossConfig, policy_loss
 from art_local.training.state import TrainerConfig, TrainingComponents, TrainingState
 
 CustomLossFn = Callable[[torch.Tensor, TrainBatch], tuple[torch.Tensor, dict[str, float]]]
+LogprobsFn = Callable[[TrainBatch], tuple[torch.Tensor, torch.Tensor]]
 
 
 def trainable_parameters(components: TrainingComponents) -> list[torch.nn.Parameter]:
@@ -85,6 +86,54 @@ def _micro_batches(batch: TrainBatch, rows: int | None) -> list[TrainBatch]:
     return [batch.rows(start, start + size) for start in range(0, total, size)]
 
 
+def micro_batch_loss(
+    components: TrainingComponents,
+    micro: TrainBatch,
+    config: TrainerConfig,
+    *,
+    total_tokens: int,
+    logprobs_fn: LogprobsFn | None = None,
+    reference_BT: torch.Tensor | None = None,
+    kl_mean: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one micro-batch over the batch-wide denominator ``total_tokens``, and its metric shares.
+
+    The caller runs ``backward``. ``logprobs_fn(micro)`` replaces the model's forward (data-parallel callers pass
+    their DDP/FSDP-wrapped module); ``reference_BT`` and ``kl_mean`` replace the KL reference logprobs and mean.
+    """
+    loss_config: LossConfig = config.loss
+    chunk = config.logprob_calculation_chunk_size
+    if loss_config.kl_penalty_coef > 0 and reference_BT is None:
+        reference_BT = reference_logprobs(components, micro, chunk_size=chunk)
+    if logprobs_fn is None:
+        logprobs_BT, entropy_BT = logprobs_and_entropy(
+            components.model, micro, chunk_size=chunk, dtype=components.compute_dtype
+        )
+    else:
+        logprobs_BT, entropy_BT = logprobs_fn(micro)
+    result = policy_loss(
+        logprobs_BT,
+        old_logprobs_BT=micro.old_logprobs_BT,
+        advantages_BT=micro.advantages_BT,
+        weights_BT=micro.weights_BT,
+        loss_mask_BT=micro.loss_mask_BT,
+        sequence_index_BT=micro.sequence_index_BT,
+        config=loss_config,
+        ref_logprobs_BT=reference_BT if loss_config.kl_penalty_coef > 0 else None,
+        original_logprobs_BT=micro.original_logprobs_BT,
+        num_trained_tokens=total_tokens,
+        kl_mean=kl_mean,
+    )
+    shares = {
+        "loss/train": float(result.metrics["loss/train"]),
+        "loss/entropy": float(entropy_BT[micro.loss_mask_BT].sum()) / total_tokens,
+    }
+    if "loss/kl_policy_ref" in result.metrics:
+        tokens = micro.num_trained_tokens
+        shares["loss/kl_policy_ref"] = float(result.metrics["loss/kl_policy_ref"]) * tokens / total_tokens
+    return result.loss, shares
+
+
 def forward_backward(
     components: TrainingComponents, batch: TrainBatch, config: TrainerConfig
 ) -> dict[str, float]:
@@ -93,42 +142,16 @@ def forward_backward(
     Returns ``loss/train``, ``loss/entropy`` (mean over trained tokens) and, with a KL penalty,
     ``loss/kl_policy_ref``. Micro-batches (``config.micro_batch_rows``) share one denominator.
     """
-    loss_config: LossConfig = config.loss
-    chunk = config.logprob_calculation_chunk_size
     total_tokens = batch.num_trained_tokens
     totals = {"loss/train": 0.0, "loss/entropy": 0.0, "loss/kl_policy_ref": 0.0}
     for micro in _micro_batches(batch.to(components.device), config.micro_batch_rows):
-        tokens = micro.num_trained_tokens
-        if tokens == 0:
+        if micro.num_trained_tokens == 0:
             continue
-        reference_BT = (
-            reference_logprobs(components, micro, chunk_size=chunk)
-            if loss_config.kl_penalty_coef > 0
-            else None
-        )
-        logprobs_BT, entropy_BT = logprobs_and_entropy(
-            components.model, micro, chunk_size=chunk, dtype=components.compute_dtype
-        )
-        result = policy_loss(
-            logprobs_BT,
-            old_logprobs_BT=micro.old_logprobs_BT,
-            advantages_BT=micro.advantages_BT,
-            weights_BT=micro.weights_BT,
-            loss_mask_BT=micro.loss_mask_BT,
-            sequence_index_BT=micro.sequence_index_BT,
-            config=loss_config,
-            ref_logprobs_BT=reference_BT,
-            original_logprobs_BT=micro.original_logprobs_BT,
-            num_trained_tokens=total_tokens,
-        )
-        result.loss.backward()
-        totals["loss/train"] += float(result.metrics["loss/train"])
-        totals["loss/entropy"] += float(entropy_BT[micro.loss_mask_BT].sum()) / total_tokens
-        if "loss/kl_policy_ref" in result.metrics:
-            totals["loss/kl_policy_ref"] += (
-                float(result.metrics["loss/kl_policy_ref"]) * tokens / total_tokens
-            )
-    if loss_config.kl_penalty_coef == 0:
+        loss, shares = micro_batch_loss(components, micro, config, total_tokens=total_tokens)
+        loss.backward()
+        for key, value in shares.items():
+            totals[key] += value
+    if config.loss.kl_penalty_coef == 0:
         del totals["loss/kl_policy_ref"]
     return totals
 
