@@ -1,7 +1,7 @@
 """``art demo``: a real RL run that visibly learns to sort three letters in minutes on a CPU (DEMO_TASK.md)."""
 
 from art_local.demo.run import DemoConfig, DemoResult, Recipe, recipe_for, run_demo
-from art_local.demo.task import all_triples, answer, prompt, reward, rollout, split_triples
+from art_local.demo.task import Triple, all_triples, answer, prompt, reward, rollout, split_triples
 from art_local.demo.warm_start import WARM_START_LABEL, WarmStartConfig, format_warm_start
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "DemoConfig",
     "DemoResult",
     "Recipe",
+    "Triple",
     "WarmStartConfig",
     "all_triples",
     "answer",

@@ -10,7 +10,7 @@ import click
 
 @click.command()
 @click.option(
-    "--steps", type=click.IntRange(min=1), default=None, help="RL steps [default: 150 tiny, 80 small]."
+    "--steps", type=click.IntRange(min=1), default=None, help="RL steps [default: 200 tiny, 80 small]."
 )
 @click.option(
     "--model-size",
@@ -34,7 +34,7 @@ import click
     help="RL learning rate [default: the size's recipe].",
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda when present, else cpu].")
-@click.option("--no-progress", is_flag=True, help="No progress bars (the table still prints).")
+@click.option("--no-progress", is_flag=True, help="No rollout progress bars (the table still prints).")
 def demo(
     steps: int | None,
     model_size: str,

@@ -42,8 +42,8 @@ class Recipe:
 
 # Full fine-tune with the transformers engine; LoRA where the engine is vLLM (it hot-loads adapters only).
 _RECIPES: dict[tuple[str, bool], Recipe] = {
-    ("tiny", False): Recipe(500, 3e-3, 1e-3, None, 150),
-    ("tiny", True): Recipe(500, 3e-3, 3e-3, 8, 150),
+    ("tiny", False): Recipe(500, 3e-3, 1e-3, None, 200),
+    ("tiny", True): Recipe(500, 3e-3, 3e-3, 8, 200),
     ("small", False): Recipe(150, 3e-4, 1e-4, None, 80),
     ("small", True): Recipe(150, 3e-4, 1e-3, 8, 80),  # not measured on a GPU yet
 }

@@ -1,19 +1,21 @@
-"""Format-only warm start: SFT on *random permutations* of the prompt's letters, so the model learns to answer with
-three letters and stop, not to sort (exact accuracy after it stays near chance, 1/6). Sorting comes from RL.
+"""Format-only warm starts: a short SFT that teaches a tiny model the *shape* of an answer, not its content.
 
 A freshly initialised tiny model never samples a well-formed answer, so RL alone has no signal (DEMO_TASK.md).
-The result is cached as a model directory beside the tiny model, so a second run skips it.
+For the sort task the SFT answers are *random permutations* of the prompt's letters: the model learns to answer
+with three letters and stop, not to sort (exact accuracy after it stays near chance, 1/6); sorting comes from RL.
+Each result is cached as a model directory beside the tiny model, so a second run skips it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +29,10 @@ if TYPE_CHECKING:
 
 WARM_START_LABEL = "format-only warm start: teaches the answer format, not sorting"
 WARM_START_VERSION = 1  # bump when the recipe below changes what gets written
-_PACK_CAPACITY = 128  # tokens per packed row; one example is ~19 tokens
+_PACK_CAPACITY = 128  # tokens per packed row at least; one sort example is ~19 tokens
+
+SftExample = tuple[tuple[int, ...], tuple[bool, ...]]  # token ids, and which of them the loss trains
+ExampleMaker = Callable[[random.Random, Any], SftExample]  # (rng, tokenizer) -> one example
 
 
 @dataclass(frozen=True)
@@ -42,49 +47,55 @@ class WarmStartConfig:
     def tag(self) -> str:
         """A directory-name suffix that changes whenever the recipe does."""
         lr = f"{self.learning_rate:g}".replace(".", "p").replace("-", "m")
-        return f"sortformat-v{WARM_START_VERSION}-{self.steps}x{self.batch_size}-lr{lr}-seed{self.seed}"
+        return f"{self.steps}x{self.batch_size}-lr{lr}-seed{self.seed}"
 
 
-def warm_start_dir(base_model: Path, config: WarmStartConfig) -> Path:
-    """Where the warm-started model of ``base_model`` is cached: a sibling directory."""
-    return base_model.parent / f"{base_model.name}-{config.tag()}"
+def warm_start_dir(base_model: Path, config: WarmStartConfig, name: str = "sortformat") -> Path:
+    """Where a warm start named ``name`` of ``base_model`` is cached: a sibling directory."""
+    return base_model.parent / f"{base_model.name}-{name}-v{WARM_START_VERSION}-{config.tag()}"
 
 
-def format_examples(
-    triples: Sequence[Triple], tokenizer: Any, rng: random.Random, count: int
-) -> list[tuple[list[int], list[int]]]:
-    """``count`` (prompt ids, answer ids) pairs: a random train prompt, answered by a random permutation + eos."""
-    examples = []
-    for _ in range(count):
-        triple = rng.choice(triples)
-        text = tokenizer.apply_chat_template(messages(triple), add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-        shuffled = "".join(rng.sample(triple, 3))
-        answer_ids = [*tokenizer.encode(shuffled, add_special_tokens=False), tokenizer.eos_token_id]
-        examples.append((prompt_ids, answer_ids))
-    return examples
+def sort_format_example(triples: Sequence[Triple], rng: random.Random, tokenizer: Any) -> SftExample:
+    """A random train prompt answered by a random *permutation* of its letters + end of turn (not sorted)."""
+    triple = rng.choice(triples)
+    text = tokenizer.apply_chat_template(messages(triple), add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    shuffled = "".join(rng.sample(triple, 3))
+    answer_ids = [*tokenizer.encode(shuffled, add_special_tokens=False), tokenizer.eos_token_id]
+    return (*prompt_ids, *answer_ids), (False,) * len(prompt_ids) + (True,) * len(answer_ids)
 
 
-def sft_batch(examples: Sequence[tuple[list[int], list[int]]]) -> TrainBatch:
-    """Pack examples into one batch whose loss mask covers the answer tokens only."""
+def conversation_example(
+    messages_and_choices: Sequence[Any], tools: Sequence[Any] | None, tokenizer: Any
+) -> SftExample:
+    """Tokens of a whole conversation, trained on its assistant turns (``Choice`` objects without logprobs).
+
+    Uses the trainer's own tokenization, so the model learns exactly what the inference server renders.
+    """
+    from art_local.training import tokenize_history
+
+    history = tokenize_history(messages_and_choices, tools, tokenizer, allow_training_without_logprobs=True)
+    if history is None or not history.num_trained:
+        raise ValueError("the conversation has no assistant Choice to train on")
+    return history.tokens, history.trained
+
+
+def sft_batch(examples: Sequence[SftExample]) -> TrainBatch:
+    """Pack examples into one batch whose loss mask covers the trained (answer) tokens only."""
     from art_local.training import PackSequence, pack_sequences
 
     sequences = [
-        PackSequence(
-            tokens=(*prompt_ids, *answer_ids),
-            trained=(False,) * len(prompt_ids) + (True,) * len(answer_ids),
-            logprobs=(float("nan"),) * (len(prompt_ids) + len(answer_ids)),
-            group=index,  # no prompt sharing: every example is its own sequence
-        )
-        for index, (prompt_ids, answer_ids) in enumerate(examples)
+        PackSequence(tokens=tokens, trained=trained, logprobs=(float("nan"),) * len(tokens), group=index)
+        for index, (tokens, trained) in enumerate(examples)  # own group each: no prompt sharing
     ]
-    return pack_sequences(sequences, capacity=_PACK_CAPACITY, share_prompts=False)
+    capacity = max(_PACK_CAPACITY, *(len(tokens) for tokens, _ in examples))
+    return pack_sequences(sequences, capacity=capacity, share_prompts=False)
 
 
 def negative_log_likelihood(
     logprobs_BT: torch.Tensor, batch: TrainBatch
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean negative log-likelihood of the answer tokens (the SFT loss)."""
+    """Mean negative log-likelihood of the trained tokens (the SFT loss)."""
     import torch
 
     mask_BT = batch.loss_mask_BT
@@ -100,17 +111,43 @@ def format_warm_start(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Path:
-    """Return the cached warm-started model directory of ``base_model``, training it first if needed."""
-    target = warm_start_dir(base_model, config)
+    """The sort task's format-only warm start of ``base_model`` (cached); returns the model directory."""
+    train_triples, _ = split_triples()  # the held-out triples never reach the warm start
+    return sft_warm_start(
+        base_model,
+        functools.partial(sort_format_example, train_triples),
+        config,
+        name="sortformat",
+        label=WARM_START_LABEL,
+        device=device,
+        progress=progress,
+    )
+
+
+def sft_warm_start(
+    base_model: Path,
+    make_example: ExampleMaker,
+    config: WarmStartConfig,
+    *,
+    name: str,
+    label: str,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> Path:
+    """Return the cached SFT of ``base_model`` on ``make_example`` (full fine-tune), training it first if needed.
+
+    ``name`` identifies the examples in the cache: change it when ``make_example`` changes.
+    """
+    target = warm_start_dir(base_model, config, name)
     if (target / "warm_start.json").is_file():
         return target
     started = time.perf_counter()
-    weights, final_nll = _train(base_model, config, device=device, progress=progress)
+    weights, final_nll = _train(base_model, make_example, config, label, device=device, progress=progress)
     record = {
-        "what": WARM_START_LABEL,
+        "what": label,
         "base_model": str(base_model),
         "recipe": asdict(config),
-        "final_answer_nll": final_nll,
+        "final_nll": final_nll,
         "seconds": round(time.perf_counter() - started, 1),
     }
     _write_model_dir(base_model, target, weights, record)
@@ -118,7 +155,13 @@ def format_warm_start(
 
 
 def _train(
-    base_model: Path, config: WarmStartConfig, *, device: str | torch.device | None, progress: bool
+    base_model: Path,
+    make_example: ExampleMaker,
+    config: WarmStartConfig,
+    label: str,
+    *,
+    device: str | torch.device | None,
+    progress: bool,
 ) -> tuple[dict[str, torch.Tensor], float]:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -135,13 +178,12 @@ def _train(
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     trainer = TrainerConfig(lora_rank=None, learning_rate=config.learning_rate, seed=config.seed)
     components = build_components(base_model, trainer, device=device)
-    train_triples, _ = split_triples()
     rng = random.Random(config.seed)
     state = TrainingState()
     nll = float("nan")
-    bar = tqdm(range(config.steps), desc=WARM_START_LABEL, unit="step", disable=not progress, leave=False)
+    bar = tqdm(range(config.steps), desc=label, unit="step", disable=not progress, leave=False)
     for _ in bar:
-        batch = sft_batch(format_examples(train_triples, tokenizer, rng, config.batch_size))
+        batch = sft_batch([make_example(rng, tokenizer) for _ in range(config.batch_size)])
         metrics = forward_backward_custom(components, batch, negative_log_likelihood)
         state = optim_step(components, state, trainer, tokens=batch.num_trained_tokens)
         nll = metrics["sft/nll"]
