@@ -30,6 +30,7 @@ from art_core.trajectories import TrajectoryGroup, check_groups
 if TYPE_CHECKING:
     import torch
 
+    from art_local.distributed import DistributedConfig, WorkerGroup
     from art_local.inference.service import InferenceService
     from art_local.training import TrainerConfig, TrainingComponents, TrainingState
 
@@ -39,10 +40,13 @@ class _Slot:
     """Mutable per-model bookkeeping of one backend (the trainer components and the state they reached)."""
 
     model: TrainableModel
-    components: TrainingComponents
+    components: TrainingComponents | None  # None: the model trains in worker processes (``workers``)
     tokenizer: Any
     state: TrainingState
     lock_file: TextIO
+    base_model: str
+    is_lora: bool
+    workers: WorkerGroup | None = None
     train_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     served: bool = False
 
@@ -59,6 +63,9 @@ class LocalBackend:
     ``max_grad_norm``, ``dtype``, ``max_sequence_length``, ``micro_batch_rows``, ``seed``). Per-call options go
     to ``train()``. ``allow_config_mismatch=True`` resumes from a checkpoint written with other settings.
     ``engine``/``host``/``port``/``api_key`` configure the inference server.
+    ``train_devices`` (an int N or a ``DistributedConfig``) trains in N torchrun worker processes (DDP or FSDP,
+    one per GPU, across nodes; see DISTRIBUTED.md) while this process serves; ``device`` is then the inference
+    device only. None (the default) trains in this process.
     """
 
     def __init__(
@@ -72,6 +79,7 @@ class LocalBackend:
         host: str = "127.0.0.1",
         port: int = 0,
         api_key: str | None = None,
+        train_devices: int | DistributedConfig | None = None,
     ) -> None:
         from art_local.training import TrainerConfig
 
@@ -79,6 +87,11 @@ class LocalBackend:
         self._device = device
         self._config = trainer_config if trainer_config is not None else TrainerConfig()
         self._allow_config_mismatch = allow_config_mismatch
+        self._distributed: DistributedConfig | None = None
+        if train_devices is not None:
+            from art_local.distributed import resolve_train_devices
+
+            self._distributed = resolve_train_devices(train_devices)
         self._service_options: dict[str, Any] = {
             "engine": engine,
             "host": host,
@@ -135,7 +148,11 @@ class LocalBackend:
             await service.close()
         slots, self._slots = self._slots, {}
         for slot in slots.values():
-            slot.lock_file.close()  # releases the flock
+            try:
+                if slot.workers is not None:
+                    await asyncio.to_thread(slot.workers.close)  # bounded: shutdown, then SIGTERM/SIGKILL
+            finally:
+                slot.lock_file.close()  # releases the flock
 
     async def _get_step(self, model: TrainableModel) -> int:
         slot = self._slots.get(model.name)
@@ -173,20 +190,22 @@ class LocalBackend:
         if not slot.served:
             from art_local.training import merged_state_dict
 
-            weights = (
-                await asyncio.to_thread(merged_state_dict, slot.components) if slot.state.step > 0 else None
-            )
+            weights = None
+            if slot.state.step > 0 and slot.workers is not None:
+                from art_local.distributed.remote import merged_weights
+
+                weights = await asyncio.to_thread(merged_weights, slot.workers)
+            elif slot.state.step > 0 and slot.components is not None:
+                weights = await asyncio.to_thread(merged_state_dict, slot.components)
             latest = _checkpoints_dir(model) / f"{slot.state.step:04d}"
             await service.add_model(
                 model.name,
-                base_model=slot.components.base_model,
+                base_model=slot.base_model,
                 step=slot.state.step,
                 weights=weights,
                 load_step=functools.partial(self._step_weights, model),
                 # a resumed LoRA step: the vLLM engine serves it from its adapter directory
-                adapter_dir=latest
-                if weights is not None and slot.components.is_lora and latest.is_dir()
-                else None,
+                adapter_dir=latest if weights is not None and slot.is_lora and latest.is_dir() else None,
             )
             slot.served = True
         return service.base_url, service.api_key
@@ -267,7 +286,10 @@ class LocalBackend:
         from art_local.training import merged_state_dict, save_checkpoint
         from art_local.training.call import train_on_groups
 
+        if slot.workers is not None:
+            return await self._train_with_workers(slot, slot.workers, groups, config, options, save)
         model, components = slot.model, slot.components
+        assert components is not None
         started = time.perf_counter()
         outcome = await asyncio.to_thread(
             train_on_groups,
@@ -297,6 +319,47 @@ class LocalBackend:
             checkpoint_path=None if directory is None else str(directory),
         )
 
+    async def _train_with_workers(
+        self,
+        slot: _Slot,
+        workers: WorkerGroup,
+        groups: list[TrajectoryGroup],
+        config: TrainerConfig,
+        options: Any,
+        save: bool,
+    ) -> LocalTrainResult:
+        from art_local.distributed.remote import train_remote
+
+        model = slot.model
+        started = time.perf_counter()
+        directory = _checkpoints_dir(model) / f"{slot.state.step + 1:04d}" if save else None
+        publish = slot.served and self._service is not None
+        outcome = await asyncio.to_thread(
+            train_remote,
+            workers,
+            slot.tokenizer,
+            slot.state,
+            groups,
+            config,
+            options,
+            model_dir=model.output_dir(),
+            checkpoint_dir=directory,
+            return_weights=publish,
+            label=model.name,
+        )
+        slot.state = outcome.state
+        metrics = {**outcome.metrics, "time/step_trainer_s": time.perf_counter() - started}
+        if publish and self._service is not None and outcome.weights is not None:
+            adapter_dir = directory if slot.is_lora else None
+            await self._service.publish(
+                model.name, outcome.state.step, outcome.weights, adapter_dir=adapter_dir
+            )
+        return LocalTrainResult(
+            step=outcome.state.step,
+            metrics=metrics,
+            checkpoint_path=None if directory is None else str(directory),
+        )
+
     def _slot(self, model: TrainableModel) -> _Slot:
         slot = self._slots.get(model.name)
         if slot is None:
@@ -319,7 +382,7 @@ class LocalBackend:
         directory = _checkpoints_dir(model) / f"{step:04d}"
         if not (directory / "metadata.json").is_file():
             return None
-        return merged_state_dict_from_checkpoint(self._slot(model).components.base_model, directory)
+        return merged_state_dict_from_checkpoint(self._slot(model).base_model, directory)
 
     def _load(self, model: TrainableModel) -> _Slot:
         from transformers import AutoTokenizer
@@ -334,6 +397,27 @@ class LocalBackend:
         lock_file = _lock_model_dir(directory)
         try:
             tokenizer = AutoTokenizer.from_pretrained(base_model)
+            if self._distributed is not None:
+                from art_local.distributed.remote import start_workers
+
+                workers, state, is_lora = start_workers(
+                    base_model,
+                    self._config,
+                    self._distributed,
+                    _checkpoints_dir(model),
+                    allow_config_mismatch=self._allow_config_mismatch,
+                    log_path=directory / "trainer-workers.log",
+                )
+                return _Slot(
+                    model=model,
+                    components=None,
+                    tokenizer=tokenizer,
+                    state=state,
+                    lock_file=lock_file,
+                    base_model=base_model,
+                    is_lora=is_lora,
+                    workers=workers,
+                )
             components = build_components(base_model, self._config, device=self._device)
             checkpoints = _checkpoints_dir(model)
             remove_stale_temporaries(checkpoints)
@@ -350,7 +434,13 @@ class LocalBackend:
             lock_file.close()
             raise
         return _Slot(
-            model=model, components=components, tokenizer=tokenizer, state=state, lock_file=lock_file
+            model=model,
+            components=components,
+            tokenizer=tokenizer,
+            state=state,
+            lock_file=lock_file,
+            base_model=components.base_model,
+            is_lora=components.is_lora,
         )
 
 
