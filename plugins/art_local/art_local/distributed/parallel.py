@@ -9,6 +9,7 @@ loading and merged weights go through the host, so checkpoints keep the single-p
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, cast
 
@@ -172,6 +173,20 @@ def _named_optimizer_state(host: TrainingComponents) -> dict[str, Any]:
     }
 
 
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, load: Callable[[], None]) -> None:
+    """Run ``load``, then give hyper-parameters back the types they had (state dict round trips turn the
+    ``betas`` tuple into a list, and checkpoints must stay identical to one process's)."""
+    kinds = [
+        {key: type(value) for key, value in group.items() if key != "params"}
+        for group in optimizer.param_groups
+    ]
+    load()
+    for group, types in zip(optimizer.param_groups, kinds, strict=True):
+        for key, kind in types.items():
+            if kind is tuple and isinstance(group.get(key), list):
+                group[key] = tuple(group[key])
+
+
 def pull_to_host(parallel: Parallel) -> TrainingComponents | None:
     """Collective: rank 0's host copy with the current full weights and optimizer state (None elsewhere)."""
     if parallel.strategy == "ddp":
@@ -197,7 +212,8 @@ def pull_to_host(parallel: Parallel) -> TrainingComponents | None:
     result = host.model.load_state_dict(loaded, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"gathered weights hold unknown keys {sorted(result.unexpected_keys)[:3]}")
-    host.optimizer.load_state_dict(_indexed_optimizer_state(host, cast(dict[str, Any], optimizer_state)))
+    indexed = _indexed_optimizer_state(host, cast(dict[str, Any], optimizer_state))
+    _load_optimizer_state(host.optimizer, lambda: host.optimizer.load_state_dict(indexed))
     return host
 
 
@@ -226,6 +242,8 @@ def push_from_host(parallel: Parallel) -> None:
     )
     set_model_state_dict(parallel.module, weights, options=options)
     if has_state[0]:
-        set_optimizer_state_dict(
-            parallel.module, parallel.components.optimizer, optimizer_state, options=options
+        optimizer = parallel.components.optimizer
+        _load_optimizer_state(
+            optimizer,
+            lambda: set_optimizer_state_dict(parallel.module, optimizer, optimizer_state, options=options),
         )
