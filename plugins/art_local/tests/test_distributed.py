@@ -9,7 +9,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,9 +25,9 @@ import art_core as art
 from art_core.trajectories import is_choice
 from art_local.backend import LocalBackend
 from art_local.distributed import DistributedConfig, DistributedWorkerError
-from art_local.distributed.protocol import TrainReply, TrainRequest
+from art_local.distributed.protocol import LoadReply, LoadRequest, TrainReply, TrainRequest
 from art_local.distributed.step import split_rows
-from art_local.training import TrainerConfig, compute_logprobs, prepare_batch
+from art_local.training import CheckpointMismatchError, TrainerConfig, compute_logprobs, prepare_batch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -112,13 +116,8 @@ def served_vs_trained(reference: LocalBackend, name: str, groups: list[art.Traje
     prepared = prepare_batch(groups, slot.tokenizer)
     assert prepared.batch is not None and slot.components is not None
     mask_BT = prepared.batch.loss_mask_BT
-    sampled = sum(
-        len(c.logprobs.content)
-        for g in groups
-        for t in g.trajectories
-        for c in t.messages_and_choices
-        if is_choice(c)
-    )
+    choices = [c for g in groups for t in g.trajectories for c in t.messages_and_choices if is_choice(c)]
+    sampled = sum(len(c.logprobs.content or []) for c in choices if c.logprobs is not None)
     assert int(mask_BT.sum()) == sampled
     trained = compute_logprobs(slot.components, prepared.batch)[mask_BT]
     return float((trained - prepared.batch.old_logprobs_BT[mask_BT]).abs().max())
@@ -165,6 +164,11 @@ async def test_ddp_on_two_gloo_processes_trains_serves_checkpoints_and_recovers_
 
         workers = backend._slots["m"].workers
         assert workers is not None
+        wrong = dataclasses.replace(config, weight_decay=0.1)
+        refuse = LoadRequest(result.checkpoint_path, wrong)
+        with pytest.raises(CheckpointMismatchError, match="allow_config_mismatch=True") as mismatch:
+            await asyncio.to_thread(workers.call, refuse, LoadReply)  # rank 0 refuses; the group stays up
+        assert "raised by trainer worker rank 0" in "".join(mismatch.value.__notes__)
         prepared = prepare_batch(sort_groups(2), reference._slots["m"].tokenizer, max_sequence_length=48)
         assert prepared.batch is not None
         rows_of_rank_1 = split_rows(prepared.batch, 2)[1]
@@ -205,16 +209,36 @@ async def test_ddp_on_two_gloo_processes_trains_serves_checkpoints_and_recovers_
         await single_again.close()
 
 
-async def test_fsdp_full_fine_tune_with_kl_and_precalculated_logprobs_matches_one_process(
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_second_node(port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Node rank 1 exactly as DISTRIBUTED.md tells a user to start it: plain torchrun, static rendezvous."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "1"]
+    command += ["--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    command += ["-m", "art_local.distributed.worker"]
+    env = {**os.environ, "ART_DISTRIBUTED_DEVICE": "cpu", "ART_DISTRIBUTED_COLLECTIVE_TIMEOUT_S": "120"}
+    with open(log, "wb") as output:
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+async def test_fsdp_on_two_nodes_full_fine_tune_with_kl_and_precalculated_logprobs_matches_one_process(
     tmp_path: Path, tiny_model_dir: Path, sort_groups: Groups, tiny_tokenizer: Any
 ) -> None:
+    """Two "nodes" of one process each on this machine: node 0 from LocalBackend, node 1 from plain torchrun."""
     config = TrainerConfig(lora_rank=None, max_sequence_length=48)
     one_row = sort_groups(1)
     one_row_batch = prepare_batch(one_row, tiny_tokenizer, max_sequence_length=48).batch
     assert one_row_batch is not None
     assert split_rows(one_row_batch, 2)[1] == []  # one row: rank 1 only runs the zero-loss dummy row
+    port = free_port()
+    two_nodes = dataclasses.replace(gloo("fsdp"), nproc_per_node=1, nnodes=2, master_port=port)
+    node_1 = start_second_node(port, tmp_path / "node1.log")
     backend = LocalBackend(
-        str(tmp_path / "multi"), device="cpu", trainer_config=config, train_devices=gloo("fsdp")
+        str(tmp_path / "multi"), device="cpu", trainer_config=config, train_devices=two_nodes
     )
     reference = LocalBackend(str(tmp_path / "single"), device="cpu", trainer_config=config)
     model = art.TrainableModel(name="f", project="p", base_model=str(tiny_model_dir))
@@ -228,7 +252,9 @@ async def test_fsdp_full_fine_tune_with_kl_and_precalculated_logprobs_matches_on
             expected = await reference.train(twin, groups, plot_tensors=plot, **options)
             assert result.checkpoint_path is not None and expected.checkpoint_path is not None
             gap = same_checkpoint(Path(result.checkpoint_path), Path(expected.checkpoint_path))
-            print(f"\nFSDP 2×gloo vs one process, step {result.step}: max |Δweight| = {gap:.3g}")
+            print(
+                f"\nFSDP 2 nodes × 1 gloo process vs one process, step {result.step}: max |Δweight| = {gap:.3g}"
+            )
             assert gap < TOLERANCE
             for key in ("loss/train", "loss/entropy", "loss/kl_policy_ref", "loss/grad_norm"):
                 assert result.metrics[key] == pytest.approx(expected.metrics[key], rel=1e-4, abs=1e-7), key
@@ -238,3 +264,9 @@ async def test_fsdp_full_fine_tune_with_kl_and_precalculated_logprobs_matches_on
     finally:
         await backend.close()
         await reference.close()
+        try:
+            node_1.wait(timeout=60)
+        finally:
+            if node_1.poll() is None:
+                node_1.kill()
+    assert node_1.returncode == 0  # node 1 left cleanly when the backend closed

@@ -88,7 +88,7 @@ def test_per_rank_losses_over_the_global_token_count_add_up_to_the_one_process_g
     shares = [select_rows(rows_batch, rows) for rows in split_rows(rows_batch, 2)]
     losses = [micro_batch_loss(split, share, config, total_tokens=total)[0] for share in shares]
     for loss in losses:
-        loss.backward()  # gradients add up, as DDP's average of world_size × loss does
+        loss.backward()  # type: ignore[no-untyped-call]  # gradients add up, as DDP's average of N × loss does
     for (name, a), (_, b) in zip(whole.model.named_parameters(), split.model.named_parameters(), strict=True):
         assert a.grad is not None and b.grad is not None
         assert torch.allclose(a.grad, b.grad, atol=1e-7, rtol=1e-4), name
@@ -221,3 +221,72 @@ def test_failure_text_names_the_rank_that_raised_not_the_ones_that_lost_their_pe
         {"launcher": {"message": "RendezvousTimeoutError: x", "traceback": "tb\n"}}, Path("l")
     )
     assert "the torchrun launcher failed: RendezvousTimeoutError: x" in launcher
+
+
+def test_the_worker_loop_serves_the_protocol_in_a_world_of_one(
+    tmp_path: Path, tiny_model_dir: Path, rows_batch: TrainBatch
+) -> None:
+    """serve() in this process (gloo, world size 1): setup, train + checkpoint, clean load error, weights, ping."""
+    import torch.distributed as dist
+
+    from art_local.distributed.protocol import (
+        ErrorReply,
+        LoadReply,
+        LoadRequest,
+        Ping,
+        SetupReply,
+        SetupRequest,
+        ShutdownReply,
+        ShutdownRequest,
+        TrainRequest,
+        WeightsReply,
+        WeightsRequest,
+    )
+    from art_local.distributed.worker import Rank, next_request, serve
+    from art_local.training import CheckpointMismatchError, get_weights, load_checkpoint, optim_step
+
+    config = TrainerConfig(lora_rank=4, learning_rate=1e-2)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        me = Rank(0, 1, torch.device("cpu"), dist.new_group(backend="gloo"), child, 30.0, 0.05)
+        assert isinstance(
+            next_request(me), Ping
+        )  # a quiet parent: rank 0 pings the others instead of waiting
+
+        def ask(request: object) -> object:
+            send_message(parent, request, timeout_s=10)
+            return recv_message(parent, timeout_s=60)
+
+        worker = threading.Thread(target=serve, args=(me,), daemon=True)
+        worker.start()
+        assert ask(SetupRequest(str(tiny_model_dir), config, "ddp")) == SetupReply(world_size=1, is_lora=True)
+        directory = tmp_path / "checkpoints" / "0001"
+        reply = ask(TrainRequest(TrainingState(), rows_batch, config, checkpoint_dir=str(directory)))
+        assert isinstance(reply, TrainReply) and reply.state.step == 1
+        reference = build_components(tiny_model_dir, config, device="cpu")
+        metrics = forward_backward(reference, rows_batch, config)
+        state = optim_step(reference, TrainingState(), config, tokens=rows_batch.num_trained_tokens)
+        assert reply.state.grad_norm == pytest.approx(state.grad_norm, rel=1e-6)
+        assert reply.metrics["loss/train"] == pytest.approx(metrics["loss/train"], rel=1e-6, abs=1e-12)
+        saved = build_components(tiny_model_dir, config, device="cpu")
+        assert load_checkpoint(saved, directory, config).step == 1
+        expected, got = get_weights(reference), get_weights(saved)
+        assert all(torch.allclose(expected[k], got[k], atol=1e-7) for k in expected)
+
+        wrong = dataclasses.replace(config, weight_decay=0.1)
+        refused = ask(LoadRequest(str(directory), wrong))
+        assert isinstance(refused, ErrorReply) and isinstance(refused.error, CheckpointMismatchError)
+        assert "allow_config_mismatch=True" in refused.summary and "Traceback" in refused.traceback
+        assert isinstance(
+            ask(LoadRequest(str(directory), config)), LoadReply
+        )  # still serving after the refusal
+        weights = ask(WeightsRequest())
+        assert isinstance(weights, WeightsReply) and "model.embed_tokens.weight" in weights.weights
+        assert isinstance(ask(ShutdownRequest()), ShutdownReply)
+        worker.join(timeout=30)
+        assert not worker.is_alive()
+    finally:
+        parent.close()
+        child.close()
+        dist.destroy_process_group()
