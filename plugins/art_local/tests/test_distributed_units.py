@@ -290,3 +290,65 @@ def test_the_worker_loop_serves_the_protocol_in_a_world_of_one(
         parent.close()
         child.close()
         dist.destroy_process_group()
+
+
+def _fake_group(tmp_path: Path, peer: socket.socket, seconds: int = 60) -> Any:
+    """A WorkerGroup over a socketpair whose "launcher" is a sleeping process (nothing answers)."""
+    import subprocess
+    import sys
+
+    from art_local.distributed.group import WorkerGroup
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", f"import time; time.sleep({seconds})"], start_new_session=True
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = DistributedConfig(request_timeout_s=0.5, collective_timeout_s=0.25, shutdown_timeout_s=1)
+    hello = {"world_size": 2, "workers": []}
+    return WorkerGroup(config, process, peer, run_dir, tmp_path / "workers.log", hello), process
+
+
+def test_a_request_without_reply_times_out_and_stops_the_workers(tmp_path: Path) -> None:
+    from art_local.distributed import DistributedWorkerError
+    from art_local.distributed.protocol import WeightsReply, WeightsRequest
+
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    group, process = _fake_group(tmp_path, mine)
+    with theirs:
+        with pytest.raises(
+            TimeoutError, match="WeightsRequest got no reply .* within 0.5 s; they were stopped"
+        ):
+            group.call(WeightsRequest(), WeightsReply)
+        assert process.poll() is not None and group.failed  # the "launcher" was terminated, not left running
+        with pytest.raises(DistributedWorkerError, match="failed earlier; close the backend"):
+            group.call(WeightsRequest(), WeightsReply)
+        group.close()
+        group.close()  # idempotent
+        assert not (tmp_path / "run").exists()
+
+
+def test_rank_0_going_away_raises_the_torchrun_report_with_the_traceback(tmp_path: Path) -> None:
+    import json
+
+    from art_local.distributed import DistributedWorkerError
+    from art_local.distributed.protocol import WeightsReply, WeightsRequest
+
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    group, process = _fake_group(tmp_path, mine, seconds=1)
+    report = {
+        "ranks": {
+            "1": {
+                "exitcode": 1,
+                "message": "ValueError: boom",
+                "traceback": "Traceback (most recent call last):\n  File 'x'\nValueError: boom\n",
+                "timestamp": 5,
+            }
+        }
+    }
+    (tmp_path / "run" / "failure.json").write_text(json.dumps(report))
+    theirs.close()  # rank 0 died: the channel reaches end of file
+    with pytest.raises(DistributedWorkerError, match="rank 1 failed \\(exit code 1\\): ValueError: boom"):
+        group.call(WeightsRequest(), WeightsReply)
+    assert process.poll() is not None
+    group.close()

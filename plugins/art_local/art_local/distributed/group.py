@@ -7,6 +7,7 @@ event loop keeps running (and the inference server keeps serving) during a step.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import os
@@ -129,15 +130,20 @@ class WorkerGroup:
         command += ["--rdzv-timeout", str(int(config.start_timeout_s))]
         command += ["--shutdown-timeout", str(int(config.shutdown_timeout_s))]
         env = {**os.environ, **config.worker_env(), CHANNEL_ENV: str(path), TOKEN_ENV: token}
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                command,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        try:
+            with open(log_path, "ab") as log:
+                process = subprocess.Popen(
+                    command,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # a Ctrl-C meant for the user's program does not hit the workers
+                )
+        except BaseException:
+            listener.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         try:
             channel, hello = _accept(listener, process, token, config.start_timeout_s, run_dir, log_path)
         except BaseException:
@@ -155,7 +161,10 @@ class WorkerGroup:
 
     def call(self, request: Request, reply_type: type[ReplyT], *, timeout_s: float | None = None) -> ReplyT:
         """Send ``request``, wait for its reply (``request_timeout_s``); re-raise a worker's clean error."""
-        with self._lock:
+        timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
+        if not self._lock.acquire(timeout=timeout):
+            raise TimeoutError(f"another request to the trainer workers was still running after {timeout} s")
+        try:
             if self._closed:
                 raise RuntimeError("this worker group is closed; register the model again")
             if self._failure is not None:
@@ -163,8 +172,9 @@ class WorkerGroup:
                     f"the trainer workers failed earlier; close the backend (await backend.close()) and register "
                     f"the model again to restart them. The failure was:\n{self._failure}"
                 )
-            timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
             reply = self._exchange(request, timeout)
+        finally:
+            self._lock.release()
         if isinstance(reply, ErrorReply):
             error = reply.error or DistributedWorkerError(reply.summary)
             error.add_note(f"raised by trainer worker rank 0:\n{reply.traceback}")
@@ -174,24 +184,31 @@ class WorkerGroup:
         return reply
 
     def _exchange(self, request: Request, timeout_s: float) -> object:
+        """One request and its reply; any failure half-way leaves the stream unusable, so the group is failed."""
         deadline = time.monotonic() + timeout_s
         try:
             send_message(self._channel, request, timeout_s=timeout_s)
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    break
+                    raise TimeoutError(f"no reply within {timeout_s} s")
                 if wait_readable(self._channel, min(_POLL_S, left)):
                     return recv_message(self._channel, timeout_s=max(left, 1.0))
                 if self._process.poll() is not None:
                     raise self._fail("the torchrun launcher exited")
+        except DistributedWorkerError:
+            raise
         except (ChannelClosed, BrokenPipeError, ConnectionResetError) as error:
             raise self._fail(f"rank 0 closed the channel ({error})") from None
-        self._fail_quietly()
-        raise TimeoutError(
-            f"{type(request).__name__} got no reply from the trainer workers within {timeout_s} s; they were "
-            f"stopped (raise DistributedConfig.request_timeout_s for longer steps; log: {self.log_path})"
-        )
+        except TimeoutError:
+            self._stop_after(f"{type(request).__name__} timed out")
+            raise TimeoutError(
+                f"{type(request).__name__} got no reply from the trainer workers within {timeout_s} s; they were "
+                f"stopped (raise DistributedConfig.request_timeout_s for longer steps; log: {self.log_path})"
+            ) from None
+        except BaseException as error:  # an unreadable reply, an interrupt: the stream is out of step
+            self._stop_after(f"{type(error).__name__} during {type(request).__name__}")
+            raise
 
     def _fail(self, why: str) -> DistributedWorkerError:
         """Wait for torchrun to stop every rank and turn its failure report into the error to raise."""
@@ -209,28 +226,31 @@ class WorkerGroup:
         self._failure = DistributedWorkerError(text)
         return self._failure
 
-    def _fail_quietly(self) -> None:
+    def _stop_after(self, why: str) -> None:
         _stop(self._process, self.config.shutdown_timeout_s, self.workers)
-        self._failure = DistributedWorkerError(
-            f"a request timed out; the workers were stopped (log: {self.log_path})"
-        )
+        self._failure = DistributedWorkerError(f"{why}; the workers were stopped (log: {self.log_path})")
 
     def close(self) -> None:
         """Ask the workers to exit (bounded), stop whatever is left, remove the socket directory. Idempotent."""
-        with self._lock:
+        grace = self.config.shutdown_timeout_s
+        locked = self._lock.acquire(timeout=grace)  # a request still running is cut short below
+        try:
             if self._closed:
                 return
             self._closed = True
             try:
-                if self._failure is None and self._process.poll() is None:
-                    send_message(self._channel, ShutdownRequest(), timeout_s=self.config.shutdown_timeout_s)
-                    self._process.wait(timeout=self.config.shutdown_timeout_s + 30)
+                if locked and self._failure is None and self._process.poll() is None:
+                    send_message(self._channel, ShutdownRequest(), timeout_s=grace)
+                    self._process.wait(timeout=grace + 30)
             except (OSError, TimeoutError, subprocess.TimeoutExpired):
                 pass  # stopped below
             finally:
                 self._channel.close()
-                _stop(self._process, self.config.shutdown_timeout_s, self.workers)
+                _stop(self._process, grace, self.workers)
                 shutil.rmtree(self._run_dir, ignore_errors=True)
+        finally:
+            if locked:
+                self._lock.release()
 
 
 def _accept(
@@ -292,4 +312,5 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float, workers: list[tuple[
     here = socket.gethostname()
     for host, pid in workers:
         if host == here and _is_our_worker(pid):
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
