@@ -113,6 +113,8 @@ def wrap(
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        for parameter in trainable_parameters(components) if components.is_lora else []:
+            dist.broadcast(parameter.data, src=0)  # every shard starts from rank 0's (seeded) adapter init
         mesh = init_device_mesh(device.type, (world_size,))
         for layer in decoder_layers(components.model):
             fully_shard(layer, mesh=mesh)

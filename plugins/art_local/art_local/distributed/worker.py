@@ -124,31 +124,40 @@ def _setup(me: Rank, request: SetupRequest) -> tuple[Parallel, SetupReply]:
         config=request.config,
     )
     if request.strategy == "fsdp" and me.rank == 0:
-        host_components(parallel)  # LoRA init is seeded: the host starts equal to the sharded model
+        host_components(parallel)  # built now, so the first checkpoint does not wait for it
     return parallel, SetupReply(world_size=me.world_size, is_lora=components.is_lora)
 
 
-def _load(me: Rank, parallel: Parallel, request: LoadRequest) -> Reply:
-    """Rank 0 loads the checkpoint into its host copy (a clean failure is a reply), then every rank takes it."""
-    from art_local.training import load_checkpoint
+def _load(me: Rank, parallel: Parallel, request: LoadRequest) -> Reply | None:
+    """Rank 0 checks the checkpoint (a refusal is a clean reply), loads it into its host copy, every rank takes it.
 
-    outcome: list[Any] = [None]
+    Only the check may fail cleanly: nothing has been modified then. Unreadable files after a passing check end
+    the group like any other worker error.
+    """
+    from art_local.training.checkpoint import check_compatible, load_checkpoint, read_metadata
+
+    directory = Path(request.directory)
+    refusal: list[Any] = [None]
     if me.rank == 0:
         try:
-            state = load_checkpoint(
-                host_components(parallel),
-                Path(request.directory),
-                request.config,
-                allow_config_mismatch=request.allow_config_mismatch,
-            )
-            outcome[0] = LoadReply(state=state)
-        except Exception as error:  # nothing collective happened yet: the group stays usable
-            outcome[0] = _error_reply(error)
-    dist.broadcast_object_list(outcome, src=0, group=me.control)
-    if isinstance(outcome[0], ErrorReply):
-        return outcome[0]
+            host = host_components(parallel)
+            metadata = read_metadata(directory)
+            check_compatible(metadata, host, request.config, directory, allow=request.allow_config_mismatch)
+        except Exception as error:
+            refusal[0] = _error_reply(error)
+    dist.broadcast_object_list(refusal, src=0, group=me.control)
+    if isinstance(refusal[0], ErrorReply):
+        return refusal[0]
+    state = None
+    if me.rank == 0:
+        state = load_checkpoint(
+            host_components(parallel),
+            directory,
+            request.config,
+            allow_config_mismatch=request.allow_config_mismatch,
+        )
     push_from_host(parallel)
-    return outcome[0]  # type: ignore[no-any-return]
+    return None if state is None else LoadReply(state=state)  # only rank 0 replies
 
 
 def _train(me: Rank, parallel: Parallel, request: TrainRequest) -> TrainReply:
@@ -198,7 +207,7 @@ def serve(me: Rank) -> None:
         request = next_request(me)
         if isinstance(request, Ping):
             continue
-        reply: Reply
+        reply: Reply | None
         if isinstance(request, ShutdownRequest):
             reply = ShutdownReply()
         elif isinstance(request, SetupRequest):
@@ -213,7 +222,7 @@ def serve(me: Rank) -> None:
             reply = _weights(parallel)
         else:
             raise TypeError(f"unknown request {request!r}")
-        if me.channel is not None:
+        if me.channel is not None and reply is not None:
             try:
                 send_message(me.channel, reply, timeout_s=me.request_timeout_s)
             except (ChannelClosed, BrokenPipeError):
