@@ -27,7 +27,13 @@ from art_local.backend import LocalBackend
 from art_local.distributed import DistributedConfig, DistributedWorkerError
 from art_local.distributed.protocol import LoadReply, LoadRequest, TrainReply, TrainRequest
 from art_local.distributed.step import split_rows
-from art_local.training import CheckpointMismatchError, TrainerConfig, compute_logprobs, prepare_batch
+from art_local.training import (
+    CheckpointMismatchError,
+    LossConfig,
+    TrainerConfig,
+    compute_logprobs,
+    prepare_batch,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -261,6 +267,26 @@ async def test_fsdp_on_two_nodes_full_fine_tune_with_kl_and_precalculated_logpro
         assert abs(result.metrics["loss/kl_policy_ref"]) > 1e-4  # the second step is away from the reference
         assert (model.output_dir() / "tensors" / "0001.png").stat().st_size > 0
         assert not (model.output_dir() / "tensors" / "0002.png").exists()
+
+        workers = backend._slots["f"].workers  # reload step 1 into the shards and replay step 2 from it
+        assert workers is not None
+        checkpoints = model.output_dir() / "checkpoints"
+        loaded = await asyncio.to_thread(
+            workers.call, LoadRequest(str(checkpoints / "0001"), config), LoadReply
+        )
+        assert loaded.state.step == 1
+        replay = TrainRequest(
+            state=loaded.state,
+            batch=one_row_batch,
+            config=dataclasses.replace(config, learning_rate=1e-3, loss=LossConfig(kl_penalty_coef=0.5)),
+            precalculate_logprobs=True,
+            checkpoint_dir=str(tmp_path / "replay"),
+        )
+        replayed = await asyncio.to_thread(workers.call, replay, TrainReply)
+        assert replayed.state.step == 2
+        assert (
+            same_checkpoint(tmp_path / "replay", checkpoints / "0002") < 1e-7
+        )  # weights + optimizer restored
     finally:
         await backend.close()
         await reference.close()
