@@ -20,6 +20,8 @@ def main(job: dict[str, Any]) -> None:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
     marks: list[float] = []
 
     class StepTimer(TrainerCallback):  # type: ignore[misc]

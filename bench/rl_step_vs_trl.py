@@ -120,7 +120,7 @@ async def ours(model_dir: Path, prompts: list[str], steps: int, warmup: int, see
 
 
 def trl(
-    python: str, model_dir: Path, prompts: list[str], steps: int, warmup: int, seed: int
+    python: str, model_dir: Path, prompts: list[str], steps: int, warmup: int, seed: int, threads: int | None
 ) -> dict[str, Any]:
     """Median step seconds of TRL's GRPOTrainer, run by ``python`` (the side environment)."""
     with tempfile.TemporaryDirectory() as directory:
@@ -136,6 +136,7 @@ def trl(
             "learning_rate": 1e-5,
             "device": "cpu",
             "output_dir": directory,
+            "threads": threads,
         }
         completed = subprocess.run(
             [python, str(HERE / "_trl_grpo_worker.py"), json.dumps(job)],
@@ -160,6 +161,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="measured steps (median), at least 10")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads on both sides [torch's default]"
+    )
     parser.add_argument("--trl-python", help="the interpreter of the side environment that has TRL")
     parser.add_argument("--setup-trl-venv", type=Path, metavar="DIR", help="create DIR with TRL, then exit")
     args = parser.parse_args()
@@ -176,10 +180,13 @@ def main() -> None:
 
     model_dir = build_tiny_model(args.size)
     prompts = make_prompts((args.warmup + args.steps) * COMPLETIONS_PER_STEP // GROUP_SIZE, args.seed)
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     figures = asyncio.run(ours(model_dir, prompts, args.steps, args.warmup, args.seed))
-    figures |= trl(args.trl_python, model_dir, prompts, args.steps, args.warmup, args.seed)
-    import torch
+    figures |= trl(args.trl_python, model_dir, prompts, args.steps, args.warmup, args.seed, args.threads)
 
     print(
         json.dumps(

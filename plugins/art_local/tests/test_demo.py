@@ -4,13 +4,24 @@ held-out accuracy rises above the format-only warm start."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from art_core.cli import build_cli
-from art_local.demo import WARM_START_LABEL, all_triples, answer, reward, split_triples
+from art_local.demo import (
+    WARM_START_LABEL,
+    WarmStartConfig,
+    all_triples,
+    answer,
+    format_warm_start,
+    reward,
+    split_triples,
+)
+from art_local.demo.warm_start import sort_format_example
 
 
 def test_the_task_is_exact_match_sorting_with_a_fixed_held_out_split() -> None:
@@ -21,6 +32,44 @@ def test_the_task_is_exact_match_sorting_with_a_fixed_held_out_split() -> None:
     assert answer(("d", "a", "c")) == "acd"
     assert reward(("d", "a", "c"), " acd\n") == 1.0
     assert reward(("d", "a", "c"), "a c d") == 0.0 and reward(("d", "a", "c"), None) == 0.0
+
+
+def test_warm_start_examples_teach_the_format_with_shuffled_letters_only(tiny_tokenizer: Any) -> None:
+    train, val = split_triples()
+    rng = random.Random(0)
+    answers = set()
+    for _ in range(200):
+        tokens, trained = sort_format_example(train, rng, tiny_tokenizer)
+        first = trained.index(True)
+        assert all(trained[first:]) and not any(trained[:first])  # loss on the answer only
+        prompt_text = tiny_tokenizer.decode(tokens[:first])
+        letters = prompt_text.split("Sort these letters: ")[1].split("<|im_end|>")[0].split()
+        assert tuple(letters) not in set(val)  # held-out prompts never reach the warm start
+        assert tokens[-1] == tiny_tokenizer.eos_token_id
+        text = tiny_tokenizer.decode(tokens[first:-1])
+        assert sorted(text) == sorted(letters)
+        answers.add(text == "".join(sorted(letters)))
+    assert answers == {True, False}  # random permutations: sometimes sorted, mostly not
+
+
+def test_warm_start_is_cached_beside_the_model_and_labelled(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from art_local.tiny import build_tiny_model
+
+    base = build_tiny_model("tiny", directory=tmp_path / "tiny")
+    config = WarmStartConfig(steps=3, batch_size=4)
+    warm = format_warm_start(base, config, progress=False)
+    assert warm.parent == base.parent and warm.name.startswith("tiny-sortformat-")
+    record = json.loads((warm / "warm_start.json").read_text())
+    assert record["what"] == WARM_START_LABEL and record["recipe"]["steps"] == 3
+    weights = warm / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert format_warm_start(base, config, progress=False) == warm  # second run: from the cache
+    assert weights.stat().st_mtime_ns == stamp
+    before, after = load_file(base / "model.safetensors"), load_file(weights)
+    assert before.keys() == after.keys() and any(not before[k].equal(after[k]) for k in before)
+    assert (warm / "tokenizer.json").is_file() and (warm / "config.json").is_file()
 
 
 def test_the_demo_command_is_contributed_by_art_local() -> None:
