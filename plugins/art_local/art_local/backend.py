@@ -55,6 +55,25 @@ def _checkpoints_dir(model: Model) -> Path:
     return model.output_dir() / "checkpoints"
 
 
+SERVING_ADAPTERS_KEPT = 2
+
+
+def write_serving_adapter(peft_model: Any, model_dir: Path, step: int) -> Path:
+    """Write only the peft adapter of ``step`` to ``{model_dir}/serving/{step:04d}`` (atomically) for an engine
+    that loads adapters from disk, and remove all but the newest ``SERVING_ADAPTERS_KEPT`` such directories."""
+    root = model_dir / "serving"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{step:04d}"
+    staging = root / f".tmp-{step:04d}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    peft_model.save_pretrained(str(staging))
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(staging, target)
+    for old in sorted(p for p in root.iterdir() if p.name.isdigit())[:-SERVING_ADAPTERS_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
 class LocalBackend:
     """Trains and serves models on this machine.
 
@@ -92,6 +111,13 @@ class LocalBackend:
             from art_local.distributed import resolve_train_devices
 
             self._distributed = resolve_train_devices(train_devices)
+        if self._config.lora_rank is None:
+            if engine == "vllm":
+                raise ValueError(
+                    "engine='vllm' serves LoRA adapters, so it cannot serve a full fine-tune "
+                    "(trainer_config.lora_rank=None); use engine='hf' or a LoRA rank"
+                )
+            engine = "hf" if engine == "auto" else engine  # vLLM hot-loads adapters only
         self._service_options: dict[str, Any] = {
             "engine": engine,
             "host": host,
@@ -312,6 +338,11 @@ class LocalBackend:
         if slot.served and self._service is not None:
             weights = await asyncio.to_thread(merged_state_dict, components)
             adapter_dir = directory if components.is_lora else None
+            if adapter_dir is None and components.is_lora and self._service.engine_kind == "vllm":
+                # save_checkpoint=False: vLLM still needs the step's adapter on disk to hot-load it
+                adapter_dir = await asyncio.to_thread(
+                    write_serving_adapter, components.model, model.output_dir(), outcome.state.step
+                )
             await self._service.publish(model.name, outcome.state.step, weights, adapter_dir=adapter_dir)
         return LocalTrainResult(
             step=outcome.state.step,
@@ -334,6 +365,12 @@ class LocalBackend:
         started = time.perf_counter()
         directory = _checkpoints_dir(model) / f"{slot.state.step + 1:04d}" if save else None
         publish = slot.served and self._service is not None
+        if publish and directory is None and slot.is_lora and self._service is not None:
+            if self._service.engine_kind == "vllm":
+                raise ValueError(
+                    "with train_devices and the vLLM engine, each step's adapter reaches vLLM through its "
+                    "checkpoint; call train(..., save_checkpoint=True)"
+                )
         outcome = await asyncio.to_thread(
             train_remote,
             workers,

@@ -348,3 +348,36 @@ class TestLocalBackendConformance(BackendConformance):
     @pytest.fixture
     def fresh_backend(self, tmp_path: Path) -> Callable[[], LocalBackend]:
         return lambda: LocalBackend(str(tmp_path / "conformance"), device="cpu")
+
+
+def test_vllm_engine_is_refused_for_a_full_fine_tune(tmp_path: Path) -> None:
+    from art_local.training import TrainerConfig
+
+    with pytest.raises(ValueError, match="cannot serve a full fine-tune"):
+        LocalBackend(str(tmp_path), trainer_config=TrainerConfig(lora_rank=None), engine="vllm")
+    auto = LocalBackend(str(tmp_path), trainer_config=TrainerConfig(lora_rank=None))
+    assert auto._service_options["engine"] == "hf"
+
+
+def test_serving_adapter_is_a_loadable_peft_directory_and_old_ones_go(tmp_path: Path) -> None:
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from art_local.backend import write_serving_adapter
+    from art_local.tiny import build_tiny_model
+
+    base = build_tiny_model("tiny")
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    for step in (1, 2, 3):
+        directory = write_serving_adapter(model, tmp_path, step)
+    assert sorted(p.name for p in (tmp_path / "serving").iterdir()) == ["0002", "0003"]
+    assert (directory / "adapter_config.json").is_file()
+    reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(directory))
+    original = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    loaded = {k: v for k, v in reloaded.state_dict().items() if "lora_" in k}
+    assert original.keys() == loaded.keys()
+    assert all(torch.equal(original[k], loaded[k]) for k in original)
