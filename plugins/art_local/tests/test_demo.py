@@ -100,3 +100,37 @@ def test_a_short_demo_run_learns_to_sort(tmp_path: Path) -> None:
     assert "0020" in kept and len(kept) <= 2  # latest and best val/reward only
     assert f"written under {model_dir}" in output and "reward.png" in output
     assert all(f"{step:>5}" in output for step in (0, 10, 20))
+
+
+def _threads_of_a_new_thread() -> int:
+    import threading
+
+    import torch
+
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+async def test_serving_keeps_the_trainers_torch_threads(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The sampler runs on fewer threads; the trainer's to_thread workers (started later) must not inherit that."""
+    import torch
+
+    import art_core as art
+    from art_local import LocalBackend
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    backend = LocalBackend(str(tmp_path), device="cpu")
+    try:
+        model = art.TrainableModel(name="threads", project="p", base_model=str(tiny_model_dir))
+        await model.register(backend)
+        await model.openai_client().chat.completions.create(
+            model=model.get_inference_name(), messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert _threads_of_a_new_thread() == 2  # was 1: the sampler's count leaked to every later thread
+    finally:
+        await backend.close()
+        torch.set_num_threads(before)

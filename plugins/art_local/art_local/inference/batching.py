@@ -22,6 +22,19 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+def set_thread_count_here_only(count: int) -> None:
+    """Give the calling thread ``count`` torch threads without changing what threads started later get.
+
+    ``torch.set_num_threads`` also sets the count every thread started afterwards inherits (the trainer's
+    ``asyncio.to_thread`` workers among them); a short-lived helper thread puts that default back.
+    """
+    inherited = torch.get_num_threads()  # also initialises this thread, so the default cannot reach it later
+    torch.set_num_threads(count)
+    restore = threading.Thread(target=torch.set_num_threads, args=(inherited,), name="art-restore-threads")
+    restore.start()
+    restore.join()
+
+
 @dataclass
 class Job:
     """One request: ``len(rows)`` sequences (its ``n``) whose completions settle one future."""
@@ -141,7 +154,7 @@ class BatchWorker:
 
     def _run(self) -> None:
         if self._cpu_threads is not None:
-            torch.set_num_threads(self._cpu_threads)  # OpenMP: applies to this thread only, not the trainer's
+            set_thread_count_here_only(self._cpu_threads)
         running = True
         while running:
             running = self._take(block=not self._batches)
