@@ -10,7 +10,7 @@ import click
 
 @click.command()
 @click.option(
-    "--steps", type=click.IntRange(min=1), default=None, help="RL steps [default: 200 tiny, 80 small]."
+    "--steps", type=click.IntRange(min=1), default=None, help="RL steps [default: 200 tiny, 120 small]."
 )
 @click.option(
     "--model-size",

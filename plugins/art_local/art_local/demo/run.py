@@ -44,8 +44,8 @@ class Recipe:
 _RECIPES: dict[tuple[str, bool], Recipe] = {
     ("tiny", False): Recipe(500, 3e-3, 1e-3, None, 200),
     ("tiny", True): Recipe(500, 3e-3, 3e-3, 8, 200),
-    ("small", False): Recipe(150, 3e-4, 1e-4, None, 80),
-    ("small", True): Recipe(150, 3e-4, 1e-3, 8, 80),  # not measured on a GPU yet
+    ("small", False): Recipe(150, 3e-4, 1e-4, None, 120),
+    ("small", True): Recipe(150, 3e-4, 1e-3, 8, 120),  # not measured on a GPU yet
 }
 
 
@@ -239,7 +239,6 @@ async def _run(config: DemoConfig, say: Echo) -> DemoResult:
             say,
             steps=steps,
             learning_rate=learning_rate,
-            lora=recipe.lora_rank is not None,
         )
     model.close_reporters()
     result = DemoResult(
@@ -263,7 +262,6 @@ async def rl_loop(
     *,
     steps: int,
     learning_rate: float,
-    lora: bool,
 ) -> tuple[dict[int, float], list[int], list[tuple[str, str, str]]]:
     """Validate at step 0, then train ``steps`` steps (validating every ``val_every``), one table row each.
 
@@ -288,8 +286,7 @@ async def rl_loop(
             rng.sample(train_triples, config.prompts_per_step),
             config,
             learning_rate=learning_rate,
-            # checkpoint where validation can rank it (vLLM serves each step from its adapter checkpoint)
-            save_checkpoint=validating or lora,
+            save_checkpoint=validating,  # checkpoint the steps validation ranks: delete_checkpoints keeps the best
             label=f"step {new_step}/{steps}",
         )
         val: float | None = None
