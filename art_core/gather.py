@@ -6,14 +6,16 @@ import asyncio
 import contextlib
 import contextvars
 import math
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from art_core.trajectories import Trajectory, TrajectoryGroup, check_rewards
 
 if TYPE_CHECKING:
     from tqdm import tqdm
+
+T = TypeVar("T")
 
 AfterEach = Callable[[TrajectoryGroup], Awaitable[TrajectoryGroup | None | list[TrajectoryGroup]]]
 
@@ -151,20 +153,7 @@ async def gather_trajectory_groups(
             return []
         return replaced if isinstance(replaced, list) else [replaced]
 
-    context.pbar = _progress_bar(pbar_desc, total, pbar_leave)
-    try:
-        with _gather_context(context):
-            tasks = [asyncio.ensure_future(finish(item)) for item in items]
-            try:
-                results = await asyncio.gather(*tasks)
-            except BaseException:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
-    finally:
-        if context.pbar is not None:
-            context.pbar.close()
+    results = await _run_all(context, pbar_desc, [finish(item) for item in items], leave=pbar_leave)
     finished = [group for result in results for group in result]
     check_rewards(finished)
     return finished
@@ -190,10 +179,21 @@ async def gather_trajectories(
         context.record_trajectory(trajectory)
         return trajectory
 
-    context.pbar = _progress_bar(pbar_desc, len(items))
+    return await _run_all(context, pbar_desc, [finish(item) for item in items])
+
+
+async def _run_all(
+    context: GatherContext,
+    pbar_desc: str | None,
+    coroutines: list[Coroutine[Any, Any, T]],
+    *,
+    leave: bool = True,
+) -> list[T]:
+    """Run the coroutines concurrently under ``context`` with its progress bar; on failure cancel the rest."""
+    context.pbar = _progress_bar(pbar_desc, context.total, leave)
     try:
         with _gather_context(context):
-            tasks = [asyncio.ensure_future(finish(item)) for item in items]
+            tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
             try:
                 return list(await asyncio.gather(*tasks))
             except BaseException:

@@ -7,7 +7,6 @@ the metrics of the data. The workers hold the model and optimizer and write the 
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,8 +28,7 @@ from art_local.distributed.protocol import (
     WeightsReply,
     WeightsRequest,
 )
-from art_local.training.batch import prepare_batch
-from art_local.training.call import CallOptions
+from art_local.training.call import CallOptions, prepare_call
 from art_local.training.checkpoint import checkpoint_steps, remove_stale_temporaries
 from art_local.training.state import TrainerConfig, TrainingState
 
@@ -95,16 +93,7 @@ def train_remote(
     label: str = "model",
 ) -> RemoteOutcome:
     """``train_on_groups`` with the step itself on the workers: the same batch, options and metric keys."""
-    prepared = prepare_batch(
-        groups,
-        tokenizer,
-        scale_rewards=options.scale_rewards,
-        advantage_balance=options.advantage_balance,
-        allow_training_without_logprobs=options.allow_training_without_logprobs,
-        max_sequence_length=config.max_sequence_length,
-    )
-    scale = prepared.reward_std_dev if options.scale_learning_rate_by_reward_std_dev else 1.0
-    config = dataclasses.replace(config, learning_rate=config.learning_rate * scale)
+    prepared, config = prepare_call(groups, tokenizer, config, options)
     step = state.step + 1
     request = TrainRequest(
         state=state,

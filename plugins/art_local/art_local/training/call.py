@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from art_core.trajectories import TrajectoryGroup
-from art_local.training.batch import TrainBatch, prepare_batch
+from art_local.training.batch import PreparedBatch, TrainBatch, prepare_batch
 from art_local.training.state import TrainerConfig, TrainingComponents, TrainingState
 from art_local.training.steps import compute_logprobs, forward_backward, optim_step, precalculate_old_logprobs
 
@@ -37,6 +37,23 @@ class StepOutcome:
     metrics: dict[str, float]
 
 
+def prepare_call(
+    groups: Sequence[TrajectoryGroup], tokenizer: Any, config: TrainerConfig, options: CallOptions
+) -> tuple[PreparedBatch, TrainerConfig]:
+    """The call's packed batch, and the trainer config with this step's learning rate (scaled by the batch's
+    reward std dev when ``scale_learning_rate_by_reward_std_dev``)."""
+    prepared = prepare_batch(
+        groups,
+        tokenizer,
+        scale_rewards=options.scale_rewards,
+        advantage_balance=options.advantage_balance,
+        allow_training_without_logprobs=options.allow_training_without_logprobs,
+        max_sequence_length=config.max_sequence_length,
+    )
+    scale = prepared.reward_std_dev if options.scale_learning_rate_by_reward_std_dev else 1.0
+    return prepared, dataclasses.replace(config, learning_rate=config.learning_rate * scale)
+
+
 def train_on_groups(
     components: TrainingComponents,
     tokenizer: Any,
@@ -54,16 +71,7 @@ def train_on_groups(
     """
     from tqdm.auto import tqdm
 
-    prepared = prepare_batch(
-        groups,
-        tokenizer,
-        scale_rewards=options.scale_rewards,
-        advantage_balance=options.advantage_balance,
-        allow_training_without_logprobs=options.allow_training_without_logprobs,
-        max_sequence_length=config.max_sequence_length,
-    )
-    scale = prepared.reward_std_dev if options.scale_learning_rate_by_reward_std_dev else 1.0
-    config = dataclasses.replace(config, learning_rate=config.learning_rate * scale)
+    prepared, config = prepare_call(groups, tokenizer, config, options)
     step = state.step + 1
     metrics = prepared.metrics()
     batch = prepared.batch
