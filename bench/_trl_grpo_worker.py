@@ -24,7 +24,7 @@ def main(job: dict[str, Any]) -> None:
         torch.set_num_threads(job["threads"])
     marks: list[float] = []
 
-    class StepTimer(TrainerCallback):  # type: ignore[misc]
+    class StepTimer(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             marks.append(time.perf_counter())
 

@@ -4,11 +4,13 @@ Work per step (both sides): 2 prompts x a group of 4 = 8 completions of exactly 
 random reward each (every group has signal), then one AdamW step of a full fine-tune, fp32 on CPU.
 - Ours: the 8 rollouts are concurrent OpenAI chat completions over HTTP to ``LocalBackend``'s server
   (``logprobs=True``, ``ignore_eos``), then ``backend.train(...)``, which also publishes the new weights to the
-  server (``save_checkpoint=False``: TRL writes no checkpoint per step either).
+  server (``save_checkpoint=False``: TRL writes no checkpoint per step either). ``ours_n_step_s`` is the same
+  step with one request per group (``n=4``), the cheaper way to sample a single-turn group.
 - TRL: ``GRPOTrainer`` (``beta=0``, no reference model) with ``bf16=False`` — TRL's default bf16 makes the
   backward pass ~18x slower on CPUs without native bf16 (ARCHITECTURE §6) — and ``gradient_checkpointing=False``
   (TRL's default True only costs time at this size); ``min_new_tokens`` forces the 32 tokens.
-Each side's figure is the median step wall time over ``--steps`` steps after ``--warmup`` steps.
+Each side's figure is the median step wall time over ``--steps`` steps (after ``--warmup`` steps) in each of
+``--rounds`` alternating rounds, so load from elsewhere hits both sides alike.
 
 TRL is not a dependency of this repo. Set up a side environment once (it reuses this venv's torch, transformers
 and accelerate through a .pth file, so no CUDA wheels come in, and pip is held to torch==2.13.0), then run:
@@ -64,8 +66,14 @@ def make_prompts(count: int, seed: int) -> list[str]:
     return [prompt(triple) for triple in random.Random(seed).sample(all_triples(), count)]
 
 
-async def ours(model_dir: Path, prompts: list[str], steps: int, warmup: int, seed: int) -> dict[str, Any]:
-    """Median step, rollout and train seconds of LocalBackend with rollouts over HTTP."""
+async def ours(
+    model_dir: Path, prompts: list[str], steps: int, warmup: int, seed: int, *, per_group: bool = False
+) -> dict[str, list[float]]:
+    """Rollout and train seconds of each measured LocalBackend step (rollouts over HTTP).
+
+    One chat completion per rollout (8 concurrent requests), or with ``per_group`` one request with ``n=4``
+    per group (the prompt is prefilled once per group).
+    """
     import art_core as art
     from art_local import LocalBackend
     from art_local.training import TrainerConfig
@@ -86,6 +94,23 @@ async def ours(model_dir: Path, prompts: list[str], steps: int, warmup: int, see
         assert len(choice.logprobs.content) == COMPLETION_TOKENS
         return art.Trajectory(messages_and_choices=[*messages, choice], reward=rewards.random())
 
+    async def group(client: Any, model: art.TrainableModel, text: str) -> art.TrajectoryGroup:
+        messages = [{"role": "user", "content": text}]
+        completion = await client.chat.completions.create(
+            model=model.get_inference_name(),
+            messages=messages,
+            max_tokens=COMPLETION_TOKENS,
+            temperature=1.0,
+            logprobs=True,
+            n=GROUP_SIZE,
+            extra_body={"ignore_eos": True},
+        )
+        assert all(len(c.logprobs.content) == COMPLETION_TOKENS for c in completion.choices)
+        return art.TrajectoryGroup(
+            art.Trajectory(messages_and_choices=[*messages, c], reward=rewards.random())
+            for c in completion.choices
+        )
+
     rollout_s: list[float] = []
     train_s: list[float] = []
     with tempfile.TemporaryDirectory() as directory:
@@ -100,7 +125,9 @@ async def ours(model_dir: Path, prompts: list[str], steps: int, warmup: int, see
                 started = time.perf_counter()
                 groups = await art.gather_trajectory_groups(
                     (
-                        art.TrajectoryGroup(rollout(client, model, p) for _ in range(GROUP_SIZE))
+                        group(client, model, p)
+                        if per_group
+                        else art.TrajectoryGroup(rollout(client, model, p) for _ in range(GROUP_SIZE))
                         for p in batch
                     ),
                     pbar_desc=None,
@@ -111,18 +138,13 @@ async def ours(model_dir: Path, prompts: list[str], steps: int, warmup: int, see
                 train_s.append(time.perf_counter() - rolled)
         finally:
             await backend.close()
-    step_s = [r + t for r, t in zip(rollout_s, train_s, strict=True)][warmup:]
-    return {
-        "ours_step_s": statistics.median(step_s),
-        "ours_rollout_s": statistics.median(rollout_s[warmup:]),
-        "ours_train_s": statistics.median(train_s[warmup:]),
-    }
+    return {"rollout_s": rollout_s[warmup:], "train_s": train_s[warmup:]}
 
 
 def trl(
     python: str, model_dir: Path, prompts: list[str], steps: int, warmup: int, seed: int, threads: int | None
 ) -> dict[str, Any]:
-    """Median step seconds of TRL's GRPOTrainer, run by ``python`` (the side environment)."""
+    """Seconds of each measured GRPOTrainer step, run by ``python`` (the side environment)."""
     with tempfile.TemporaryDirectory() as directory:
         job = {
             "model_dir": str(model_dir),
@@ -150,7 +172,7 @@ def trl(
     step_s = result["step_s"][warmup:]
     if len(step_s) < steps:
         raise RuntimeError(f"TRL reported {len(result['step_s'])} steps, expected {warmup + steps}")
-    return {"trl_step_s": statistics.median(step_s), "trl_version": result["trl_version"]}
+    return {"step_s": step_s, "trl_version": result["trl_version"]}
 
 
 def main() -> None:
@@ -160,6 +182,7 @@ def main() -> None:
     parser.add_argument("--size", choices=["tiny", "small"], default="small")
     parser.add_argument("--steps", type=int, default=10, help="measured steps (median), at least 10")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of ours and TRL's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads on both sides [torch's default]"
@@ -184,9 +207,32 @@ def main() -> None:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
-    figures = asyncio.run(ours(model_dir, prompts, args.steps, args.warmup, args.seed))
-    figures |= trl(args.trl_python, model_dir, prompts, args.steps, args.warmup, args.seed, args.threads)
+    loads = [os.getloadavg()[0]]
+    rollout_s: list[float] = []
+    train_s: list[float] = []
+    n_step_s: list[float] = []
+    trl_s: list[float] = []
+    trl_version = ""
+    for _ in range(args.rounds):  # alternate, so a burst of load from elsewhere hits both sides alike
+        measured = asyncio.run(ours(model_dir, prompts, args.steps, args.warmup, args.seed))
+        rollout_s += measured["rollout_s"]
+        train_s += measured["train_s"]
+        grouped = asyncio.run(ours(model_dir, prompts, args.steps, args.warmup, args.seed, per_group=True))
+        n_step_s += [r + t for r, t in zip(grouped["rollout_s"], grouped["train_s"], strict=True)]
+        loads.append(os.getloadavg()[0])
+        theirs = trl(args.trl_python, model_dir, prompts, args.steps, args.warmup, args.seed, args.threads)
+        trl_s += theirs["step_s"]
+        trl_version = theirs["trl_version"]
+        loads.append(os.getloadavg()[0])
+    ours_step = statistics.median(r + t for r, t in zip(rollout_s, train_s, strict=True))
+    trl_step = statistics.median(trl_s)
+    figures = {
+        "ours_step_s": ours_step,
+        "ours_rollout_s": statistics.median(rollout_s),
+        "ours_train_s": statistics.median(train_s),
+        "ours_n_step_s": statistics.median(n_step_s),
+        "trl_step_s": trl_step,
+    }
 
     print(
         json.dumps(
@@ -197,11 +243,13 @@ def main() -> None:
                 "completions_per_step": COMPLETIONS_PER_STEP,
                 "completion_tokens": COMPLETION_TOKENS,
                 "steps": args.steps,
-                **{k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()},
-                "ratio_ours_over_trl": round(figures["ours_step_s"] / figures["trl_step_s"], 3),
+                **{key: round(value, 4) for key, value in figures.items()},
+                "ratio_ours_over_trl": round(ours_step / trl_step, 3),
+                "ratio_ours_n_over_trl": round(figures["ours_n_step_s"] / trl_step, 3),
+                "trl_version": trl_version,
+                "rounds": args.rounds,
                 "torch_threads": torch.get_num_threads(),
-                "load_avg_1min_before": round(load_before, 2),
-                "load_avg_1min_after": round(os.getloadavg()[0], 2),
+                "load_avg_1min": [round(load, 2) for load in loads],
             }
         )
     )
