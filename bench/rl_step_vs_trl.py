@@ -15,9 +15,9 @@ Each side's figure is the median step wall time over ``--steps`` steps (after ``
 TRL is not a dependency of this repo. Set up a side environment once (it reuses this venv's torch, transformers
 and accelerate through a .pth file, so no CUDA wheels come in, and pip is held to torch==2.13.0), then run:
 
-    .venv/bin/python bench/rl_step_vs_trl.py --setup-trl-venv .venv-trl
-    .venv/bin/python bench/rl_step_vs_trl.py --size small --trl-python .venv-trl/bin/python
-    .venv/bin/python bench/rl_step_vs_trl.py --size tiny --trl-python .venv-trl/bin/python
+    .venv/bin/python bench/rl_step_vs_trl.py --setup-trl-venv ~/.cache/art/trl-venv
+    .venv/bin/python bench/rl_step_vs_trl.py --size small --trl-python ~/.cache/art/trl-venv/bin/python
+    .venv/bin/python bench/rl_step_vs_trl.py --size tiny --trl-python ~/.cache/art/trl-venv/bin/python
 """
 
 from __future__ import annotations
