@@ -102,8 +102,6 @@ def _coerce_groups(value: object) -> list[TrajectoryGroup]:
 class Model(pydantic.BaseModel):
     """A model that rollouts call and whose trajectories and metrics get logged."""
 
-    model_config = pydantic.ConfigDict(validate_assignment=False)
-
     name: str
     project: str
     entity: str | None = None
