@@ -232,6 +232,37 @@ def _assert_same_optimizer_state(a: TrainingComponents, b: TrainingComponents) -
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_b[key][name])), (key, name)
 
 
+def test_adamw_is_fused_on_cpu_takes_the_unfused_step_and_resumes_an_unfused_checkpoint(
+    tiny_model_dir: Path, batch: TrainBatch, tmp_path: Path
+) -> None:
+    fused = build_components(tiny_model_dir, FULL, device="cpu")
+    plain = build_components(tiny_model_dir, FULL, device="cpu")
+    assert fused.optimizer.param_groups[0]["fused"] is True
+    group = plain.optimizer.param_groups[0]
+    plain.optimizer = torch.optim.AdamW(  # what build_components made before AdamW was fused
+        group["params"], lr=FULL.learning_rate, betas=FULL.betas, eps=FULL.eps, weight_decay=0.0
+    )
+    state = TrainingState()
+    for components in (fused, plain):
+        for _ in range(2):
+            forward_backward(components, batch, FULL)
+            state = optim_step(components, TrainingState(), FULL)
+    after_fused, after_plain = get_weights(fused), get_weights(plain)
+    for key in after_fused:
+        torch.testing.assert_close(after_fused[key], after_plain[key], atol=1e-6, rtol=1e-5)
+    save_checkpoint(plain, state, FULL, tmp_path / "0002")
+    resumed = build_components(tiny_model_dir, FULL, device="cpu")
+    load_checkpoint(resumed, tmp_path / "0002", FULL)
+    assert resumed.optimizer.param_groups[0]["fused"] is True  # this run's kernel, the saved moments
+    _assert_same_optimizer_state(plain, resumed)
+    for components in (plain, resumed):
+        forward_backward(components, batch, FULL)
+        optim_step(components, state, FULL)
+    after_plain, after_resumed = get_weights(plain), get_weights(resumed)
+    for key in after_plain:
+        torch.testing.assert_close(after_resumed[key], after_plain[key], atol=1e-6, rtol=1e-5)
+
+
 def test_checkpoint_from_another_config_is_refused_unless_allowed(
     tiny_model_dir: Path, batch: TrainBatch, tmp_path: Path
 ) -> None:

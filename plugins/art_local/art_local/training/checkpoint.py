@@ -254,6 +254,23 @@ def check_compatible(
         )
 
 
+# How an optimizer runs, not what it learned: a checkpoint written with other kernels (say, before AdamW was
+# fused, or on another device) loads with this optimizer's own.
+_KERNEL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def with_kernel_flags(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``state`` (an optimizer state dict) with ``optimizer``'s kernel choices in its parameter groups."""
+    live_groups = optimizer.param_groups
+    groups = [  # a different number of groups is left for load_state_dict to refuse
+        {**saved, **{flag: live_groups[i][flag] for flag in _KERNEL_FLAGS if flag in live_groups[i]}}
+        if i < len(live_groups)
+        else saved
+        for i, saved in enumerate(state["param_groups"])
+    ]
+    return {**state, "param_groups": groups}
+
+
 def load_checkpoint(
     components: TrainingComponents,
     directory: Path,
@@ -277,7 +294,7 @@ def load_checkpoint(
         optimizer_state = torch.load(
             directory / OPTIMIZER_FILE, map_location=components.device, weights_only=True
         )
-        components.optimizer.load_state_dict(optimizer_state)
+        components.optimizer.load_state_dict(with_kernel_flags(optimizer_state, components.optimizer))
     except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointMismatchError(f"checkpoint {directory} does not fit this model: {error}") from error
     for group in components.optimizer.param_groups:  # this run's optimizer settings win over the saved ones
