@@ -309,7 +309,7 @@ class LocalBackend:
     async def _train_locked(
         self, slot: _Slot, groups: list[TrajectoryGroup], config: TrainerConfig, options: Any, save: bool
     ) -> LocalTrainResult:
-        from art_local.training import merged_state_dict, save_checkpoint
+        from art_local.training import save_checkpoint
         from art_local.training.call import train_on_groups
 
         if slot.workers is not None:
@@ -336,19 +336,33 @@ class LocalBackend:
             await asyncio.to_thread(save_checkpoint, components, outcome.state, config, directory)
         metrics = {**outcome.metrics, "time/step_trainer_s": time.perf_counter() - started}
         if slot.served and self._service is not None:
-            weights = await asyncio.to_thread(merged_state_dict, components)
-            adapter_dir = directory if components.is_lora else None
-            if adapter_dir is None and components.is_lora and self._service.engine_kind == "vllm":
-                # save_checkpoint=False: vLLM still needs the step's adapter on disk to hot-load it
-                adapter_dir = await asyncio.to_thread(
-                    write_serving_adapter, components.model, model.output_dir(), outcome.state.step
-                )
-            await self._service.publish(model.name, outcome.state.step, weights, adapter_dir=adapter_dir)
+            await self._publish(slot, components, outcome.state.step, directory)
         return LocalTrainResult(
             step=outcome.state.step,
             metrics=metrics,
             checkpoint_path=None if directory is None else str(directory),
         )
+
+    async def _publish(
+        self, slot: _Slot, components: TrainingComponents, step: int, directory: Path | None
+    ) -> None:
+        """Serve ``step``: the transformers engine copies the live merged weights (no intermediate copy; the
+        train lock keeps the optimizer off them meanwhile), vLLM hot-loads the step's adapter from disk."""
+        from art_local.training import merged_state_dict
+
+        service = self._service
+        assert service is not None
+        adapter_dir = directory if components.is_lora else None
+        if service.engine_kind == "vllm":
+            if adapter_dir is None and components.is_lora:
+                # save_checkpoint=False: vLLM still needs the step's adapter on disk to hot-load it
+                adapter_dir = await asyncio.to_thread(
+                    write_serving_adapter, components.model, slot.model.output_dir(), step
+                )
+            await service.publish(slot.model.name, step, {}, adapter_dir=adapter_dir)  # reads no weights
+            return
+        weights = await asyncio.to_thread(merged_state_dict, components, copy=False)
+        await service.publish(slot.model.name, step, weights, adapter_dir=adapter_dir)
 
     async def _train_with_workers(
         self,

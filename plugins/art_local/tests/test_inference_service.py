@@ -227,3 +227,34 @@ async def test_concurrent_requests_are_decoded_together(service: InferenceServic
     await asyncio.gather(*(greedy(client, "agent", tokens=16) for _ in range(8)))
     assert worker.steps_run - steps_before < 8 * 16  # alone, each request would need 16 steps of its own
     await client.close()
+
+
+async def test_publish_reuses_evicted_modules_but_never_one_a_request_still_decodes_on(tiny: Path) -> None:
+    kept = {s: weights_for(tiny, seed=s) for s in range(1, 7)}
+    service = InferenceService(engine="hf", device="cpu")
+    await service.add_model("agent", base_model=tiny, step=0, weights=None, load_step=kept.get)
+    client, engine = client_for(service), hf_engine(service)
+    expected = {}
+    for step in (1, 5, 6):  # each step's own output, from a module that was never reused
+        await service.add_model(f"ref{step}", base_model=tiny, step=step, weights=kept[step], load_step=kept.get)
+        expected[step] = await greedy(client, f"ref{step}", tokens=400)
+    base = await greedy(client, "agent@0", tokens=400)
+    await service.publish("agent", 1, kept[1])
+    await service.publish("agent", 2, kept[2])
+    started = engine.batches_run
+    inflight = [asyncio.create_task(greedy(client, "agent@0", tokens=400)) for _ in range(4)]
+    for _ in range(2000):  # wait until the batch is decoding
+        if engine.batches_run > started:
+            break
+        await asyncio.sleep(0.005)
+    for step in (3, 4, 5, 6):  # step 0 leaves memory (evicted at 5) while its requests still decode
+        await service.publish("agent", step, kept[step])
+    assert not any(task.done() for task in inflight)
+    assert engine.describe()["models"]["agent"]["in_memory"] == [4, 5, 6]
+    assert await asyncio.gather(*inflight) == [base] * 4  # never a mix of weights
+    assert engine.modules_reused == 3  # steps 1, 2 and 3 gave their memory; step 0 was held
+    assert await greedy(client, "agent", tokens=400) == expected[6]
+    assert await greedy(client, "agent@5", tokens=400) == expected[5]
+    assert await greedy(client, "agent@1", tokens=400) == expected[1]  # reloaded through load_step
+    await client.close()
+    await service.close()

@@ -10,6 +10,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -37,7 +38,11 @@ def set_thread_count_here_only(count: int) -> None:
 
 @dataclass
 class Job:
-    """One request: ``len(rows)`` sequences (its ``n``) whose completions settle one future."""
+    """One request: ``len(rows)`` sequences (its ``n``) whose completions settle one future.
+
+    ``release`` runs once, from the worker, when none of the job's rows is queued or decoding any more (also
+    when its requester stopped waiting), so the engine knows when ``module`` is free.
+    """
 
     module: PreTrainedModel
     vocab: Vocab
@@ -45,10 +50,11 @@ class Job:
     future: asyncio.Future[list[Completion]]
     loop: asyncio.AbstractEventLoop
     done: dict[int, Completion] = field(default_factory=dict)
+    release: Callable[[], None] | None = None
 
 
 def settle(job: Job, result: list[Completion] | BaseException) -> None:
-    """Resolve ``job``'s future on its own event loop (callable from any thread)."""
+    """Resolve ``job``'s future on its own event loop and release its module (callable from any thread)."""
 
     def apply() -> None:
         if job.future.done():
@@ -58,6 +64,9 @@ def settle(job: Job, result: list[Completion] | BaseException) -> None:
         else:
             job.future.set_result(result)
 
+    release, job.release = job.release, None
+    if release is not None:
+        release()
     try:
         job.loop.call_soon_threadsafe(apply)
     except RuntimeError:  # the requester's loop is closed: nobody is waiting
@@ -112,6 +121,7 @@ class BatchWorker:
         groups: dict[int, list[Job]] = {}
         for job in self._pending:
             if job.future.cancelled():
+                settle(job, asyncio.CancelledError())  # nobody waits; this releases the module
                 continue
             batch = self._batches.get(id(job.module))
             used = (len(batch) if batch else 0) + sum(len(j.rows) for j in groups.get(id(job.module), []))

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 LoadStep = Callable[[int], Mapping[str, torch.Tensor] | None]
+MAX_RELOADS = 5  # attempts to load an old step that other publishes keep evicting
 
 
 @dataclass(frozen=True)
@@ -71,22 +73,42 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_weights_into(module: PreTrainedModel, weights: Mapping[str, torch.Tensor]) -> None:
-    """Copy a full state dict into ``module``; tied parameters may be omitted, anything else must match."""
-    result = module.load_state_dict(dict(weights), strict=False)
-    if result.unexpected_keys:
+def check_weights_fit(module: PreTrainedModel, weights: Mapping[str, torch.Tensor]) -> None:
+    """Raise unless ``weights`` is a full state dict of ``module`` (tied parameters may be omitted), changing
+    nothing."""
+    state = module.state_dict()
+    unexpected = [k for k in weights if k not in state]
+    if unexpected:
         raise ValueError(
-            f"weights hold keys the model does not have: {sorted(result.unexpected_keys)[:5]}; pass the merged "
+            f"weights hold keys the model does not have: {sorted(unexpected)[:5]}; pass the merged "
             "state dict of the same base model (art_local.training.merged_state_dict)"
         )
     params = dict(module.named_parameters(remove_duplicate=False))
     loaded = {id(params[k]) for k in weights if k in params}
-    missing = [k for k in result.missing_keys if k in params and id(params[k]) not in loaded]
-    missing += [k for k in result.missing_keys if k not in params and "inv_freq" not in k]
+    missing = [
+        k
+        for k in state
+        if k not in weights and "inv_freq" not in k and (k not in params or id(params[k]) not in loaded)
+    ]
     if missing:
         raise ValueError(
             f"weights lack {sorted(missing)[:5]}; pass the full merged state dict of the base model"
         )
+    wrong = [k for k, v in weights.items() if tuple(v.shape) != tuple(state[k].shape)]
+    if wrong:
+        raise ValueError(
+            f"weights {sorted(wrong)[:5]} have shapes {[tuple(weights[k].shape) for k in sorted(wrong)[:5]]}, "
+            f"the model {[tuple(state[k].shape) for k in sorted(wrong)[:5]]}; pass the base model's merged weights"
+        )
+
+
+def load_weights_into(module: PreTrainedModel, weights: Mapping[str, torch.Tensor]) -> None:
+    """Copy a full state dict into ``module`` in place; tied parameters may be omitted, anything else must match."""
+    check_weights_fit(module, weights)
+    state = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, value in weights.items():
+            state[key].copy_(value)
 
 
 def _eos_ids(tokenizer: PreTrainedTokenizerBase, module: PreTrainedModel) -> frozenset[int]:
@@ -127,6 +149,10 @@ class HFEngine:
         self.dtype = self.config.dtype or default_dtype(self.device)
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        # id(module) -> requests that may still run on it (queued, decoding, or between lookup and submit);
+        # publishing reuses an evicted module's memory only when nothing holds it
+        self._leases: Counter[int] = Counter()
+        self.modules_reused = 0  # publishes that copied into an evicted module instead of allocating one
         self._worker = BatchWorker(
             self.config.batch_window_s,
             self.config.max_batch_rows,
@@ -207,13 +233,36 @@ class HFEngine:
     def publish_sync(self, name: str, step: int, weights: Mapping[str, torch.Tensor]) -> None:
         """``publish`` on the calling thread."""
         entry = self._entry(name, name)
-        module = self._build(entry, weights)
+        with self._lock:
+            template = entry.modules[entry.latest]
+        check_weights_fit(template, weights)  # before anything changes
+        with self._lock:
+            module = self._take_evicted(entry, step)
+        if module is None:
+            module = self._build(entry, weights)
+        else:
+            load_weights_into(module, weights)
+            self.modules_reused += 1
         with self._lock:
             entry.modules[step] = module
             entry.modules.move_to_end(step)
             entry.latest = step
             entry.forgotten.discard(step)
             self._evict(entry)
+
+    def _take_evicted(self, entry: _Entry, step: int) -> PreTrainedModel | None:
+        """Under the lock: remove and return a module that publishing ``step`` would drop and that no request
+        holds (its memory takes the new weights), or None. The current latest step is never taken."""
+        old = [s for s in entry.modules if s not in (step, entry.latest)]
+        dropped = old[: max(len(old) + 1 - self.config.max_cached_steps, 0)]  # + 1: the latest becomes old
+        if step in entry.modules and step != entry.latest:
+            dropped.insert(0, step)  # republishing a step replaces its module
+        for candidate in dropped:
+            module = entry.modules[candidate]
+            if not self._leases[id(module)]:
+                del entry.modules[candidate]
+                return module
+        return None
 
     async def forget_steps(self, name: str, keep: Collection[int]) -> None:
         """Stop serving ``name@s`` for every step not in ``keep`` (the latest stays served as ``name``)."""
@@ -264,6 +313,8 @@ class HFEngine:
         return ServedModel(model, entry.tokenizer, entry.context_length, entry.created)
 
     def _module(self, model: str) -> tuple[_Entry, PreTrainedModel | None, int]:
+        """The entry, the module of the requested step (leased: ``_release`` it) or None when it is not in
+        memory, and the step."""
         name, step = split_step_name(model)
         entry = self._entry(name, model)
         with self._lock:
@@ -273,13 +324,20 @@ class HFEngine:
             module = entry.modules.get(wanted)
             if module is not None:
                 entry.modules.move_to_end(wanted)
+                self._leases[id(module)] += 1
         return entry, module, wanted
 
-    def _load_old_step(self, model: str, entry: _Entry, step: int) -> PreTrainedModel:
+    def _release(self, module: PreTrainedModel) -> None:
+        with self._lock:
+            self._leases[id(module)] -= 1
+            if not self._leases[id(module)]:
+                del self._leases[id(module)]
+
+    def _load_old_step(self, model: str, entry: _Entry, step: int) -> None:
         with entry.load_lock:
             with self._lock:
                 if step in entry.modules:
-                    return entry.modules[step]
+                    return
             weights = entry.load_step(step)
             if weights is None and step == 0:  # step 0 is the base model by definition
                 weights = self._base_weights(entry)
@@ -289,30 +347,45 @@ class HFEngine:
             with self._lock:
                 entry.modules[step] = module
                 self._evict(entry)
-            return module
 
     async def generate(
         self, model: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> list[Completion]:
         """``params.n`` completions, sampled in a batch with whatever else arrived in the same window."""
         entry, module, step = self._module(model)
+        for _ in range(MAX_RELOADS):
+            if module is not None:
+                break
+            await asyncio.to_thread(self._load_old_step, model, entry, step)
+            entry, module, step = self._module(model)  # leased under the lock (another publish may evict it)
         if module is None:
-            module = await asyncio.to_thread(self._load_old_step, model, entry, step)
-        room = entry.context_length - len(prompt_token_ids)
-        if room < 1:
-            raise ValueError(
-                f"the prompt has {len(prompt_token_ids)} tokens; {model!r} accepts {entry.context_length}"
+            raise RuntimeError(
+                f"step {step} of {model!r} was evicted {MAX_RELOADS} times while loading; raise "
+                "HFEngineConfig.max_cached_steps"
             )
-        rows = [
-            Row(
-                tuple(prompt_token_ids), params, self._generator(params.seed, i), min(params.max_tokens, room)
-            )
-            for i in range(params.n)
-        ]
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Completion]] = loop.create_future()
-        self._worker.submit(Job(module, entry.vocab, rows, future, loop))
-        return await future
+        try:
+            room = entry.context_length - len(prompt_token_ids)
+            if room < 1:
+                raise ValueError(
+                    f"the prompt has {len(prompt_token_ids)} tokens; {model!r} accepts {entry.context_length}"
+                )
+            rows = [
+                Row(
+                    tuple(prompt_token_ids),
+                    params,
+                    self._generator(params.seed, i),
+                    min(params.max_tokens, room),
+                )
+                for i in range(params.n)
+            ]
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[list[Completion]] = loop.create_future()
+            release = functools.partial(self._release, module)
+            self._worker.submit(Job(module, entry.vocab, rows, future, loop, release=release))
+        except BaseException:
+            self._release(module)
+            raise
+        return await future  # cancelled: the worker still releases the module once the rows are done
 
     def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
         if seed is None:

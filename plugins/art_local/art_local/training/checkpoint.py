@@ -64,17 +64,25 @@ def load_weights(components: TrainingComponents, weights: Mapping[str, torch.Ten
             components.model.load_state_dict(dict(weights), strict=True)
 
 
-def merged_state_dict(components: TrainingComponents) -> dict[str, torch.Tensor]:
-    """Fresh full weights with any LoRA merged, keyed as the base HF model's ``state_dict()``, in compute dtype."""
+def merged_state_dict(components: TrainingComponents, *, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Full weights with any LoRA merged, keyed as the base HF model's ``state_dict()``, in compute dtype.
+
+    ``copy=False`` returns the live weights themselves wherever no conversion is needed (no copy of a full
+    fine-tune at all): read them before the next optimizer step changes them.
+    """
     dtype = components.compute_dtype
     model = causal_lm(components.model)
+
+    def fresh(value: torch.Tensor) -> torch.Tensor:
+        return value.detach().to(dtype, copy=copy)
+
     with torch.no_grad():
         if not components.is_lora:
-            return {key: value.detach().to(dtype, copy=True) for key, value in model.state_dict().items()}
+            return {key: fresh(value) for key, value in model.state_dict().items()}
         from peft.tuners.lora import LoraLayer
 
         merged = {
-            key.replace(".base_layer.", "."): value.detach().to(dtype, copy=True)
+            key.replace(".base_layer.", "."): fresh(value)
             for key, value in model.state_dict().items()
             if ".lora_" not in key
         }
