@@ -6,7 +6,10 @@ rows are dropped), so a long completion does not make short ones pay. Logprobs a
 distribution, ``log_softmax(logits)`` in fp32 (see ``engine.py``).
 
 On a tiny model most of the time is per-token dispatch overhead, which is why this loop, and not
-``model.generate()``, is used (ARCHITECTURE §6).
+``model.generate()``, is used (ARCHITECTURE §6). For Llama-style decoder stacks (Llama, Mistral, Qwen2) the
+one-token decoding forward is ``DecodeStep``: transformers' formulas on the model's own weights and norm and
+rotary modules (a test holds its logits and cache to transformers' within 1e-5), without the per-module
+dispatch, mask building and output plumbing (measured on the 18M model, 8 rows, 1 thread: 17-19 ms per step through transformers, 15-16 ms).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+import torch.nn.functional as F
 
 from art_local.inference.engine import Completion, FinishReason, SamplingParams
 
@@ -176,6 +180,96 @@ def mergeable(cache: DynamicCache) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
+_LEAN_DECODER_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})
+
+
+class DecodeStep:
+    """One decoding step (one new token per row) of a Llama-style model, straight through its weights.
+
+    ``DecodeStep.of(model)`` is None unless every layer is a plain full-attention Llama/Mistral/Qwen2 decoder
+    layer with a SiLU MLP (the dense, unsplit weights these formulas assume); callers then use the model's own
+    forward. Rotary embeddings and RMSNorm are the model's own modules, so rope scaling variants are theirs.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        inner = cast(Any, model).model
+        self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
+        self.layers = list(inner.layers)
+        self.lm_head = cast(Any, model).lm_head
+        config = model.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    @staticmethod
+    def of(model: PreTrainedModel) -> DecodeStep | None:
+        config = model.config
+        inner = getattr(model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if (
+            layers is None
+            or not hasattr(model, "lm_head")
+            or any(type(layer).__name__ not in _LEAN_DECODER_LAYERS for layer in layers)
+            or getattr(config, "hidden_act", None) != "silu"
+            or getattr(config, "pretraining_tp", 1) != 1
+            or getattr(config, "sliding_window", None) is not None
+            or getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager")
+        ):
+            return None
+        return DecodeStep(model)
+
+    def __call__(
+        self, tokens_B: torch.Tensor, mask_BT: torch.Tensor, positions_B: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """Next-token logits ``[B, V]`` after ``tokens_B``; appends each layer's new key and value to ``cache``.
+
+        ``mask_BT`` covers the cache and the new token (1 on real tokens).
+        """
+        B = tokens_B.shape[0]
+        hidden_B1D = self.embed(tokens_B.unsqueeze(-1))
+        cos, sin = self.rotary(hidden_B1D, positions_B.unsqueeze(-1))
+        keep_B11T = mask_BT.bool()[:, None, None, :]
+        for layer, cached in zip(self.layers, cast(list[Any], cache.layers), strict=True):
+            attention, mlp = layer.self_attn, layer.mlp
+            x_B1D = layer.input_layernorm(hidden_B1D)
+            q = F.linear(x_B1D, attention.q_proj.weight, attention.q_proj.bias)
+            k = F.linear(x_B1D, attention.k_proj.weight, attention.k_proj.bias)
+            v = F.linear(x_B1D, attention.v_proj.weight, attention.v_proj.bias)
+            q_BH1d = q.view(B, 1, self.heads, self.head_dim).transpose(1, 2)
+            k_BK1d = k.view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            v_BK1d = v.view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q_BH1d, k_BK1d = _rotate(q_BH1d, k_BK1d, cos, sin)
+            cached.keys = torch.cat([cached.keys, k_BK1d], dim=-2)
+            cached.values = torch.cat([cached.values, v_BK1d], dim=-2)
+            heads_BH1d = F.scaled_dot_product_attention(
+                q_BH1d,
+                cached.keys,
+                cached.values,
+                attn_mask=keep_B11T,
+                scale=attention.scaling,
+                enable_gqa=self.kv_heads != self.heads,
+            )
+            out = heads_BH1d.transpose(1, 2).reshape(B, 1, self.heads * self.head_dim)
+            hidden_B1D = hidden_B1D + F.linear(out, attention.o_proj.weight, attention.o_proj.bias)
+            x_B1D = layer.post_attention_layernorm(hidden_B1D)
+            gate = F.linear(x_B1D, mlp.gate_proj.weight, mlp.gate_proj.bias)
+            up = F.linear(x_B1D, mlp.up_proj.weight, mlp.up_proj.bias)
+            hidden_B1D = hidden_B1D + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        return cast(torch.Tensor, self.lm_head(self.norm(hidden_B1D)))[:, -1, :]
+
+
+def _rotate(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding, as transformers' ``apply_rotary_pos_emb`` (heads on dim 1)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 class DecodeBatch:
     """The running batch of one model: rows join (``admit``) and leave (when finished) between steps.
 
@@ -195,6 +289,7 @@ class DecodeBatch:
         self.positions_B = torch.zeros((0,), dtype=torch.long, device=self.device)
         self.logits_BV: torch.Tensor | None = None  # next-token logits of every row, waiting to be sampled
         self.joinable = True  # False for caches this class cannot merge (sliding windows, ...)
+        self.lean = DecodeStep.of(model)  # None: decode through the model's own forward
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -290,6 +385,9 @@ class DecodeBatch:
             self._keep(keep)
         self.mask_BT = torch.cat([self.mask_BT, self.mask_BT.new_ones((len(self.rows), 1))], dim=-1)
         self.positions_B = self.positions_B + 1
+        if self.lean is not None and self.joinable:
+            self.logits_BV = self.lean(tokens_B, self.mask_BT, self.positions_B, self.cache)
+            return done
         self.logits_BV = self.model(
             input_ids=tokens_B.unsqueeze(-1),
             attention_mask=self.mask_BT,
