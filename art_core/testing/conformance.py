@@ -109,11 +109,11 @@ class Kit:
         """Groups sampled through the backend's own endpoint (or the suite's ``make_groups``)."""
         return self.run(self.suite.make_groups(self, model, equal_rewards=equal_rewards))
 
-    def train(
-        self, model: art.TrainableModel, groups: list[art.TrajectoryGroup], **options: Any
-    ) -> art.TrainResult:
-        options.setdefault("learning_rate", self.suite.learning_rate)
-        result: art.TrainResult = self.run(self.backend.train(model, groups, **options))
+    def train(self, model: art.TrainableModel, groups: list[art.TrajectoryGroup]) -> art.TrainResult:
+        """One ``backend.train`` at the suite's learning rate (the one option every backend has)."""
+        result: art.TrainResult = self.run(
+            self.backend.train(model, groups, learning_rate=self.suite.learning_rate)
+        )
         return result
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ dispatch, mask building and output plumbing (measured on the 18M model, 8 rows, 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -196,6 +197,8 @@ class DecodeStep:
         self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
         self.layers = list(inner.layers)
         self.lm_head = cast(Any, model).lm_head
+        # the architecture's own rotary formula (each of these modules defines apply_rotary_pos_emb)
+        self.rotate = sys.modules[type(self.layers[0]).__module__].apply_rotary_pos_emb
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -209,6 +212,7 @@ class DecodeStep:
             layers is None
             or not hasattr(model, "lm_head")
             or any(type(layer).__name__ not in _LEAN_DECODER_LAYERS for layer in layers)
+            or any(not hasattr(sys.modules[type(layer).__module__], "apply_rotary_pos_emb") for layer in layers)
             or getattr(config, "hidden_act", None) != "silu"
             or getattr(config, "pretraining_tp", 1) != 1
             or getattr(config, "sliding_window", None) is not None
@@ -237,7 +241,7 @@ class DecodeStep:
             q_BH1d = q.view(B, 1, self.heads, self.head_dim).transpose(1, 2)
             k_BK1d = k.view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             v_BK1d = v.view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q_BH1d, k_BK1d = _rotate(q_BH1d, k_BK1d, cos, sin)
+            q_BH1d, k_BK1d = self.rotate(q_BH1d, k_BK1d, cos, sin)
             cached.keys = torch.cat([cached.keys, k_BK1d], dim=-2)
             cached.values = torch.cat([cached.values, v_BK1d], dim=-2)
             heads_BH1d = F.scaled_dot_product_attention(
@@ -255,19 +259,6 @@ class DecodeStep:
             up = F.linear(x_B1D, mlp.up_proj.weight, mlp.up_proj.bias)
             hidden_B1D = hidden_B1D + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
         return cast(torch.Tensor, self.lm_head(self.norm(hidden_B1D)))[:, -1, :]
-
-
-def _rotate(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding, as transformers' ``apply_rotary_pos_emb`` (heads on dim 1)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class DecodeBatch:
