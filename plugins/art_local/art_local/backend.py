@@ -27,6 +27,7 @@ from art_core.backend import ImportanceSamplingLevel
 from art_core.model import Model, TrainableModel
 from art_core.results import LocalTrainResult
 from art_core.trajectories import TrajectoryGroup, check_groups
+from art_local.openmp import releasing_openmp_workers
 
 if TYPE_CHECKING:
     import torch
@@ -51,9 +52,11 @@ def trainer_thread(name: str) -> ThreadPoolExecutor:
 
 
 async def run_on(executor: ThreadPoolExecutor, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    """``function(*args, **kwargs)`` on ``executor``'s thread, awaited."""
+    """``function(*args, **kwargs)`` on ``executor``'s thread, awaited; the thread's OpenMP workers are given
+    back afterwards (see ``art_local.openmp``), so sampling between jobs runs at full speed."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, functools.partial(function, *args, **kwargs))
+    job = releasing_openmp_workers(functools.partial(function, *args, **kwargs))
+    return await loop.run_in_executor(executor, job)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 
 from art_local.inference.engine import Completion
 from art_local.inference.sampling import DecodeBatch, Row, Vocab
+from art_local.openmp import release_openmp_workers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -167,6 +168,8 @@ class BatchWorker:
             set_thread_count_here_only(self._cpu_threads)
         running = True
         while running:
+            if not self._batches:
+                release_openmp_workers()  # idle: let whichever thread computes next run un-throttled
             running = self._take(block=not self._batches)
             self._admit()
             for key, batch in list(self._batches.items()):

@@ -34,6 +34,7 @@ from art_local.inference.engine import (
     split_step_name,
 )
 from art_local.inference.sampling import Row, Vocab
+from art_local.openmp import releasing_openmp_workers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -51,7 +52,7 @@ class HFEngineConfig:
     batch_window_s: float = 0.005  # how long the first request of a batch waits for company
     max_batch_rows: int = 64  # sequences (prompts x n) sampled together at most
     max_cached_steps: int = 2  # older steps kept in memory besides the latest (least recently used goes)
-    cpu_threads: int | None = None  # torch threads of the sampling thread on CPU; None: one less than torch's
+    cpu_threads: int | None = None  # torch threads of the sampling thread on CPU; None: torch's
 
 
 def default_device() -> torch.device:
@@ -60,12 +61,14 @@ def default_device() -> torch.device:
 
 
 def default_cpu_threads() -> int:
-    """Threads for CPU sampling: one core is left to the HTTP server and the caller.
+    """Threads for CPU sampling: torch's count (all cores by default).
 
-    OpenMP threads that share cores with other busy threads spin at barriers; measured here, two threads on
-    two busy cores sampled 5-10x slower than one (ARCHITECTURE §6 notes the same trap for bf16).
+    This used to leave one core to the HTTP server: two sampling threads ran 5-10x slower than one once another
+    thread had run torch ops. The cause was libgomp's idle pools (see ``art_local.openmp``), which the sampler
+    and trainer threads now give back; measured on the 18M model, 2 cores, 32 concurrent requests: 870-990
+    tokens/s on two threads against 660-680 on one.
     """
-    return max(1, torch.get_num_threads() - 1)
+    return max(1, torch.get_num_threads())
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -172,7 +175,9 @@ class HFEngine:
         adapter_dir: Path | None = None,
     ) -> None:
         """Serve ``name`` at ``step`` (base weights when ``weights`` is None); again with the same base: publish."""
-        await asyncio.to_thread(self.add_model_sync, name, base_model, step, weights, load_step)
+        await asyncio.to_thread(
+            releasing_openmp_workers(self.add_model_sync), name, base_model, step, weights, load_step
+        )
 
     def add_model_sync(
         self,
@@ -228,7 +233,7 @@ class HFEngine:
         self, name: str, step: int, weights: Mapping[str, torch.Tensor], *, adapter_dir: Path | None = None
     ) -> None:
         """``name`` and ``name@step`` now answer with ``weights``; running batches keep their module."""
-        await asyncio.to_thread(self.publish_sync, name, step, weights)
+        await asyncio.to_thread(releasing_openmp_workers(self.publish_sync), name, step, weights)
 
     def publish_sync(self, name: str, step: int, weights: Mapping[str, torch.Tensor]) -> None:
         """``publish`` on the calling thread."""
@@ -356,7 +361,7 @@ class HFEngine:
         for _ in range(MAX_RELOADS):
             if module is not None:
                 break
-            await asyncio.to_thread(self._load_old_step, model, entry, step)
+            await asyncio.to_thread(releasing_openmp_workers(self._load_old_step), model, entry, step)
             entry, module, step = self._module(model)  # leased under the lock (another publish may evict it)
         if module is None:
             raise RuntimeError(
