@@ -100,6 +100,31 @@ def test_rows_joining_a_running_batch_get_exactly_their_solo_results(model: Any,
         )
 
 
+def test_rows_sharing_a_prompt_are_prefilled_once_and_sample_as_if_alone(model: Any, vocab: Vocab) -> None:
+    shared, other = prompt(vocab, "What is 3 + 4?"), prompt(vocab, "Sort these letters: q p r")
+
+    def seeded(ids: tuple[int, ...], seed: int) -> Row:
+        return row(ids, torch.Generator().manual_seed(seed), temperature=1.0, max_tokens=10)
+
+    prefill_rows: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: (
+            prefill_rows.append(kwargs["input_ids"].shape[0]) if kwargs["input_ids"].shape[-1] > 1 else None
+        ),
+        with_kwargs=True,
+    )
+    try:
+        group = sample_rows(model, vocab, [seeded(shared, s) for s in (1, 2, 3)] + [seeded(other, 4)])
+    finally:
+        hook.remove()
+    assert prefill_rows == [2]  # the two distinct prompts, not four rows
+    for seed, ids, completion in zip((1, 2, 3, 4), [shared] * 3 + [other], group, strict=True):
+        alone = sample_rows(model, vocab, [seeded(ids, seed)])[0]
+        assert completion.token_ids == alone.token_ids
+        assert torch.allclose(torch.tensor(completion.logprobs), torch.tensor(alone.logprobs), atol=1e-5)
+    assert len({c.token_ids for c in group[:3]}) == 3  # same prompt, own seeds: own samples
+
+
 def test_finished_rows_leave_and_padding_columns_are_trimmed(model: Any, vocab: Vocab) -> None:
     long_prompt, short_prompt = prompt(vocab, "What is 7 + 8? " * 8), prompt(vocab, "hi")
     batch = DecodeBatch(model, vocab)
@@ -168,7 +193,9 @@ def test_eos_ends_with_stop_keeps_the_eos_id_and_drops_it_from_the_text(model: A
     assert ignoring.token_ids == free.token_ids and ignoring.finish_reason == "length"
 
 
-def test_lean_decode_step_equals_the_model_forward_exactly_on_a_padded_batch(model: Any, vocab: Vocab) -> None:
+def test_lean_decode_step_equals_the_model_forward_exactly_on_a_padded_batch(
+    model: Any, vocab: Vocab
+) -> None:
     """``DecodeStep`` (the decoding loop's fast path) gives transformers' own logits and cache.
 
     Not bit for bit: transformers runs grouped-query attention by repeating the key/value heads, we let SDPA
@@ -206,6 +233,49 @@ def test_lean_decode_step_equals_the_model_forward_exactly_on_a_padded_batch(mod
         assert ours.keys.shape == theirs.keys.shape and ours.values.shape == theirs.values.shape
         assert torch.allclose(ours.keys, theirs.keys, rtol=0, atol=1e-5)
         assert torch.allclose(ours.values, theirs.values, rtol=0, atol=1e-5)
+
+
+def test_packed_decode_matmuls_follow_weights_changed_in_place(
+    model: Any, vocab: Vocab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The oneDNN packs of the decoding step's weights equal ``F.linear`` and are redone after a publish
+    copies new weights into the module (what the server does every training step)."""
+    import copy
+
+    from art_local.inference.sampling import PackedLinears
+
+    if not PackedLinears.available():
+        pytest.skip("this torch has no oneDNN")
+    served = copy.deepcopy(model)
+    lean = DecodeStep.of(served)
+    assert lean is not None and lean.packed is None  # the tiny model's matrices are too small to gain
+    monkeypatch.setattr(PackedLinears, "min_elements", 0)  # pack them all, to test the packs
+    prompts = [prompt(vocab, t) for t in ("hi", "Sort these letters: c a b")]
+    rows = [row(p, max_tokens=6) for p in prompts]
+
+    def plain_then_packed() -> tuple[list[Any], list[Any]]:
+        lean = DecodeStep.of(served)
+        assert lean is not None and lean.packed is not None
+        packed = sample_rows(served, vocab, rows)
+        lean.packed = None
+        saved, DecodeStep.of = DecodeStep.of, staticmethod(lambda _: lean)  # type: ignore[method-assign]
+        try:
+            plain = sample_rows(served, vocab, rows)
+        finally:
+            DecodeStep.of = saved  # type: ignore[method-assign]
+        return plain, packed
+
+    runs = []
+    for _ in range(2):
+        plain, packed = plain_then_packed()
+        for a, b in zip(plain, packed, strict=True):
+            assert a.token_ids == b.token_ids
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+        runs.append(packed)
+        with torch.no_grad():  # a publish: new values copied into the same tensors
+            for parameter in served.parameters():
+                parameter.copy_(parameter * 1.5)
+    assert runs[0][0].logprobs != runs[1][0].logprobs  # the packs followed the new weights
 
 
 def test_models_outside_the_llama_family_decode_through_their_own_forward(model: Any) -> None:
