@@ -1,7 +1,9 @@
 """TRL's side of ``bench/rl_step_vs_trl.py``; runs in the interpreter that has TRL (never imports art).
 
-Reads a JSON job on argv[1] and prints one JSON line: TRL's version and the wall time of each optimizer step
-(generation + reward + loss + backward + AdamW), measured between consecutive ``on_step_end`` callbacks.
+Reads a JSON job on argv[1], builds the trainer, prints ``{"ready": true}`` and then runs one optimizer step
+per ``go`` line on stdin, printing ``{"step_s": ...}`` after each: the wall time from the ``go`` to the step's
+``on_step_end`` (dataloader + generation + reward + loss + backward + AdamW). After the last step it prints TRL's
+version. Between steps it blocks on stdin, so the parent can run its own side while this one is idle.
 """
 
 from __future__ import annotations
@@ -22,14 +24,27 @@ def main(job: dict[str, Any]) -> None:
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    marks: list[float] = []
 
-    class StepTimer(TrainerCallback):
+    def wait_for_go() -> float:
+        line = sys.stdin.readline()
+        if line.strip() != "go":  # EOF: the parent is gone
+            raise SystemExit(f"expected 'go' on stdin, got {line!r}")
+        return time.perf_counter()
+
+    def say(message: dict[str, Any]) -> None:
+        print(json.dumps(message), flush=True)
+
+    class Lockstep(TrainerCallback):
+        started = 0.0
+
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            marks.append(time.perf_counter())
+            say({"ready": True})
+            self.started = wait_for_go()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            marks.append(time.perf_counter())
+            say({"step_s": time.perf_counter() - self.started})
+            if state.global_step < state.max_steps:
+                self.started = wait_for_go()
 
     rewards = random.Random(job["seed"])
 
@@ -44,7 +59,7 @@ def main(job: dict[str, Any]) -> None:
         max_completion_length=job["completion_tokens"],
         generation_kwargs={"min_new_tokens": job["completion_tokens"]},  # exactly N tokens, like ignore_eos
         temperature=1.0,
-        max_steps=job["warmup"] + job["steps"],
+        max_steps=job["max_steps"],
         learning_rate=job["learning_rate"],
         lr_scheduler_type="constant",
         beta=0.0,  # no reference model (TRL's default; ours has no KL either)
@@ -68,15 +83,10 @@ def main(job: dict[str, Any]) -> None:
         args=config,
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(job["model_dir"]),
-        callbacks=[StepTimer()],
+        callbacks=[Lockstep()],
     )
     trainer.train()
-    step_s = [later - earlier for earlier, later in zip(marks, marks[1:], strict=False)]
-    print(
-        json.dumps(
-            {"trl_version": trl.__version__, "step_s": step_s, "torch_threads": torch.get_num_threads()}
-        )
-    )
+    say({"trl_version": trl.__version__, "torch_threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

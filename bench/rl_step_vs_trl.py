@@ -9,8 +9,10 @@ random reward each (every group has signal), then one AdamW step of a full fine-
 - TRL: ``GRPOTrainer`` (``beta=0``, no reference model) with ``bf16=False`` — TRL's default bf16 makes the
   backward pass ~18x slower on CPUs without native bf16 (ARCHITECTURE §6) — and ``gradient_checkpointing=False``
   (TRL's default True only costs time at this size); ``min_new_tokens`` forces the 32 tokens.
-Each side's figure is the median step wall time over ``--steps`` steps (after ``--warmup`` steps) in each of
-``--rounds`` alternating rounds, so load from elsewhere hits both sides alike.
+The two sides run in lockstep, each in its own process, one step at a time in a rotating order (TRL, ours,
+ours with ``n=4``; then ours, ours ``n=4``, TRL; ...), while the others wait idle: a burst of load from elsewhere
+on a shared machine hits all of them alike. Each figure is the median over ``--steps`` steps (after
+``--warmup``); ``ratio_paired_median`` is the median of the step-by-step ratios.
 
 TRL is not a dependency of this repo. Set up a side environment once (it reuses this venv's torch, transformers
 and accelerate through a .pth file, so no CUDA wheels come in, and pip is held to torch==2.13.0), then run:
@@ -27,6 +29,7 @@ import asyncio
 import json
 import os
 import random
+import select
 import site
 import statistics
 import subprocess
@@ -66,13 +69,75 @@ def make_prompts(count: int, seed: int) -> list[str]:
     return [prompt(triple) for triple in random.Random(seed).sample(all_triples(), count)]
 
 
-async def ours(
-    model_dir: Path, prompts: list[str], steps: int, warmup: int, seed: int, *, per_group: bool = False
-) -> dict[str, list[float]]:
-    """Rollout and train seconds of each measured LocalBackend step (rollouts over HTTP).
+class TrlWorker:
+    """TRL's ``GRPOTrainer`` in the side environment, stepping only when told (``_trl_grpo_worker.py``)."""
 
-    One chat completion per rollout (8 concurrent requests), or with ``per_group`` one request with ``n=4``
-    per group (the prompt is prefilled once per group).
+    def __init__(self, python: str, job: dict[str, Any], stderr: Any) -> None:
+        self.python = python
+        self._stderr = stderr
+        self._process = subprocess.Popen(
+            [python, str(HERE / "_trl_grpo_worker.py"), json.dumps(job)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+        self._buffer = b""
+
+    def ready(self, timeout_s: float = 600.0) -> None:
+        """Wait until the trainer is built and blocked before its first step."""
+        self._read(timeout_s, "ready")
+
+    def step(self, timeout_s: float = 600.0) -> float:
+        """Run one optimizer step; its wall time (generation + reward + loss + backward + AdamW)."""
+        assert self._process.stdin is not None
+        self._process.stdin.write(b"go\n")
+        self._process.stdin.flush()
+        return float(self._read(timeout_s, "step_s")["step_s"])
+
+    def finish(self, timeout_s: float = 120.0) -> dict[str, Any]:
+        """TRL's version and thread count, once the last step ran."""
+        return self._read(timeout_s, "trl_version")
+
+    def kill(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(30)
+
+    def _read(self, timeout_s: float, key: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        assert self._process.stdout is not None
+        fd = self._process.stdout.fileno()
+        while True:
+            while b"\n" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\n", 1)
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue  # something else printed to stdout
+                if isinstance(message, dict) and key in message:
+                    return message
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                self.kill()
+                raise TimeoutError(f"the TRL worker sent no {key!r} within {timeout_s:.0f} s")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                self._process.wait(30)
+                self._stderr.seek(0)
+                tail = self._stderr.read()[-4000:].decode(errors="replace")
+                raise RuntimeError(
+                    f"the TRL worker ({self.python}) exited {self._process.returncode}:\n{tail}"
+                )
+            self._buffer += chunk
+
+
+async def lockstep(
+    model_dir: Path, prompts: list[str], steps: int, warmup: int, seed: int, trl: TrlWorker
+) -> dict[str, list[float]]:
+    """Seconds of each measured step of the three sides, run one step at a time in rotating order.
+
+    Ours: one chat completion per rollout (8 concurrent requests) over HTTP to LocalBackend's server, then
+    ``train()``; ours ``n``: one request with ``n=4`` per group (the prompt is prefilled once per group).
     """
     import art_core as art
     from art_local import LocalBackend
@@ -111,68 +176,51 @@ async def ours(
             for c in completion.choices
         )
 
-    rollout_s: list[float] = []
-    train_s: list[float] = []
+    measured: dict[str, list[float]] = {"rollout_s": [], "train_s": [], "n_step_s": [], "trl_step_s": []}
     with tempfile.TemporaryDirectory() as directory:
         backend = LocalBackend(directory, trainer_config=TrainerConfig(lora_rank=None, seed=seed))
         model = art.TrainableModel(name="bench", project="bench", base_model=str(model_dir))
         await model.register(backend)
         client = model.openai_client()
+        await asyncio.to_thread(trl.ready)
         prompts_per_step = COMPLETIONS_PER_STEP // GROUP_SIZE
+
+        async def our_step(batch: list[str], per_group: bool) -> tuple[float, float]:
+            started = time.perf_counter()
+            groups = await art.gather_trajectory_groups(
+                (
+                    group(client, model, p)
+                    if per_group
+                    else art.TrajectoryGroup(rollout(client, model, p) for _ in range(GROUP_SIZE))
+                    for p in batch
+                ),
+                pbar_desc=None,
+            )
+            rolled = time.perf_counter()
+            await backend.train(model, groups, learning_rate=1e-5, save_checkpoint=False)
+            return rolled - started, time.perf_counter() - rolled
+
         try:
             for step in range(warmup + steps):
                 batch = prompts[step * prompts_per_step : (step + 1) * prompts_per_step]
-                started = time.perf_counter()
-                groups = await art.gather_trajectory_groups(
-                    (
-                        group(client, model, p)
-                        if per_group
-                        else art.TrajectoryGroup(rollout(client, model, p) for _ in range(GROUP_SIZE))
-                        for p in batch
-                    ),
-                    pbar_desc=None,
-                )
-                rolled = time.perf_counter()
-                await backend.train(model, groups, learning_rate=1e-5, save_checkpoint=False)
-                rollout_s.append(rolled - started)
-                train_s.append(time.perf_counter() - rolled)
+                sides = ["trl", "ours", "ours_n"]
+                for side in sides[step % 3 :] + sides[: step % 3]:
+                    if side == "trl":
+                        seconds = await asyncio.to_thread(trl.step)
+                        if step >= warmup:
+                            measured["trl_step_s"].append(seconds)
+                    else:
+                        rollout_s, train_s = await our_step(batch, per_group=side == "ours_n")
+                        if step < warmup:
+                            continue
+                        if side == "ours":
+                            measured["rollout_s"].append(rollout_s)
+                            measured["train_s"].append(train_s)
+                        else:
+                            measured["n_step_s"].append(rollout_s + train_s)
         finally:
             await backend.close()
-    return {"rollout_s": rollout_s[warmup:], "train_s": train_s[warmup:]}
-
-
-def trl(
-    python: str, model_dir: Path, prompts: list[str], steps: int, warmup: int, seed: int, threads: int | None
-) -> dict[str, Any]:
-    """Seconds of each measured GRPOTrainer step, run by ``python`` (the side environment)."""
-    with tempfile.TemporaryDirectory() as directory:
-        job = {
-            "model_dir": str(model_dir),
-            "prompts": prompts,
-            "steps": steps,
-            "warmup": warmup,
-            "seed": seed,
-            "group_size": GROUP_SIZE,
-            "completions_per_step": COMPLETIONS_PER_STEP,
-            "completion_tokens": COMPLETION_TOKENS,
-            "learning_rate": 1e-5,
-            "device": "cpu",
-            "output_dir": directory,
-            "threads": threads,
-        }
-        completed = subprocess.run(
-            [python, str(HERE / "_trl_grpo_worker.py"), json.dumps(job)],
-            capture_output=True,
-            text=True,
-            timeout=3600,
-        )
-    if completed.returncode != 0:
-        raise RuntimeError(f"the TRL worker failed ({python}):\n{completed.stderr[-4000:]}")
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
-    step_s = result["step_s"][warmup:]
-    if len(step_s) < steps:
-        raise RuntimeError(f"TRL reported {len(result['step_s'])} steps, expected {warmup + steps}")
-    return {"step_s": step_s, "trl_version": result["trl_version"]}
+    return measured
 
 
 def main() -> None:
@@ -180,9 +228,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", choices=["tiny", "small"], default="small")
-    parser.add_argument("--steps", type=int, default=10, help="measured steps (median), at least 10")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps (median), at least 10")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of ours and TRL's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads on both sides [torch's default]"
@@ -208,32 +255,37 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     loads = [os.getloadavg()[0]]
-    rollout_s: list[float] = []
-    train_s: list[float] = []
-    n_step_s: list[float] = []
-    trl_s: list[float] = []
-    trl_version = ""
-    for _ in range(args.rounds):  # alternate, so a burst of load from elsewhere hits both sides alike
-        measured = asyncio.run(ours(model_dir, prompts, args.steps, args.warmup, args.seed))
-        rollout_s += measured["rollout_s"]
-        train_s += measured["train_s"]
-        grouped = asyncio.run(ours(model_dir, prompts, args.steps, args.warmup, args.seed, per_group=True))
-        n_step_s += [r + t for r, t in zip(grouped["rollout_s"], grouped["train_s"], strict=True)]
-        loads.append(os.getloadavg()[0])
-        theirs = trl(args.trl_python, model_dir, prompts, args.steps, args.warmup, args.seed, args.threads)
-        trl_s += theirs["step_s"]
-        trl_version = theirs["trl_version"]
-        loads.append(os.getloadavg()[0])
-    ours_step = statistics.median(r + t for r, t in zip(rollout_s, train_s, strict=True))
-    trl_step = statistics.median(trl_s)
+    job = {
+        "model_dir": str(model_dir),
+        "prompts": prompts,
+        "seed": args.seed,
+        "group_size": GROUP_SIZE,
+        "completions_per_step": COMPLETIONS_PER_STEP,
+        "completion_tokens": COMPLETION_TOKENS,
+        "max_steps": args.warmup + args.steps,
+        "learning_rate": 1e-5,
+        "device": "cpu",
+        "threads": args.threads,
+    }
+    with tempfile.TemporaryDirectory() as directory, tempfile.TemporaryFile() as stderr:
+        trl = TrlWorker(args.trl_python, {**job, "output_dir": directory}, stderr)
+        try:
+            measured = asyncio.run(lockstep(model_dir, prompts, args.steps, args.warmup, args.seed, trl))
+            theirs = trl.finish()
+        finally:
+            trl.kill()
+    loads.append(os.getloadavg()[0])
+    rollout_s, train_s, trl_s = measured["rollout_s"], measured["train_s"], measured["trl_step_s"]
+    ours_s = [r + t for r, t in zip(rollout_s, train_s, strict=True)]
+    ours_step, trl_step = statistics.median(ours_s), statistics.median(trl_s)
     figures = {
         "ours_step_s": ours_step,
         "ours_rollout_s": statistics.median(rollout_s),
         "ours_train_s": statistics.median(train_s),
-        "ours_n_step_s": statistics.median(n_step_s),
+        "ours_n_step_s": statistics.median(measured["n_step_s"]),
         "trl_step_s": trl_step,
     }
-
+    paired = statistics.median(o / t for o, t in zip(ours_s, trl_s, strict=True))
     print(
         json.dumps(
             {
@@ -246,9 +298,10 @@ def main() -> None:
                 **{key: round(value, 4) for key, value in figures.items()},
                 "ratio_ours_over_trl": round(ours_step / trl_step, 3),
                 "ratio_ours_n_over_trl": round(figures["ours_n_step_s"] / trl_step, 3),
-                "trl_version": trl_version,
-                "rounds": args.rounds,
+                "ratio_paired_median": round(paired, 3),
+                "trl_version": theirs["trl_version"],
                 "torch_threads": torch.get_num_threads(),
+                "trl_torch_threads": theirs["torch_threads"],
                 "load_avg_1min": [round(load, 2) for load in loads],
             }
         )
