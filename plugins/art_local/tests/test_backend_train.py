@@ -224,7 +224,9 @@ async def test_chunk_size_plots_verbose_and_logprob_free_training(
     assert seen and max(seen) <= 4
     png = model.output_dir() / "tensors" / "0001.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
-    assert "[art_local] m step 1:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "[art_local] m step 1:" in err
+    assert "→ step" not in err  # the per-step bar shows on a terminal only, never in captured logs
     user = {"role": "user", "content": "Sort these letters: d a c"}
     plain = [
         art.TrajectoryGroup(

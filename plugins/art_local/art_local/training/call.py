@@ -75,7 +75,13 @@ def train_on_groups(
     step = state.step + 1
     metrics = prepared.metrics()
     batch = prepared.batch
-    bar = tqdm(total=0 if batch is None else 1, desc=f"train {label} → step {step}", unit="step", leave=False)
+    bar = tqdm(  # disable=None: only on a terminal, so logs and CI output get no bar per step
+        total=0 if batch is None else 1,
+        desc=f"train {label} → step {step}",
+        unit="step",
+        leave=False,
+        disable=None,
+    )
     try:
         if batch is None:
             after = dataclasses.replace(state, step=step, grad_norm=0.0)
