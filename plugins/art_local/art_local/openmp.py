@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -29,34 +29,52 @@ _T = TypeVar("_T")
 OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: free the threads, keep nothing that must be re-read
 
 
-@functools.cache
+_UNSET: Any = object()
+_found: Any = _UNSET  # the function once looked up for good (None: there is none to call)
+
+
 def _pause_all() -> Callable[[int], int] | None:
-    """libgomp's ``omp_pause_resource_all`` as loaded by torch, or None where there is none to call."""
+    """libgomp's ``omp_pause_resource_all`` as loaded by torch, or None where there is none to call.
+
+    Until torch is imported a miss is not final (torch loads libgomp), so it is looked up again next time.
+    """
+    global _found
+    if _found is not _UNSET:
+        return cast("Callable[[int], int] | None", _found)
     if not sys.platform.startswith("linux") or os.environ.get("ART_KEEP_OPENMP_WORKERS"):
+        _found = None
         return None
-    path = _loaded_libgomp()
+    torch = sys.modules.get("torch")
+    path = _loaded_libgomp(Path(torch.__file__).parent if torch is not None and torch.__file__ else None)
     if path is None:
+        if torch is not None:
+            _found = None
         return None
     try:
         function = ctypes.CDLL(path).omp_pause_resource_all  # the loaded copy: dlopen by path reuses it
     except (OSError, AttributeError):  # libgomp older than OpenMP 5.0 (GCC 9)
+        _found = None
         return None
     function.argtypes = [ctypes.c_int]
     function.restype = ctypes.c_int
-    return function
+    _found = function
+    return cast("Callable[[int], int]", function)
 
 
-def _loaded_libgomp() -> str | None:
-    """Path of the libgomp mapped into this process, preferring torch's own copy; None when none is."""
+def _loaded_libgomp(torch_dir: Path | None) -> str | None:
+    """Path of the libgomp mapped into this process: torch's own copy if it has one, else the one there is;
+    None when none (or several, none of them torch's) is mapped."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
     fields = (line.split() for line in maps.splitlines())
-    paths = {f[-1] for f in fields if len(f) >= 6 and Path(f[-1]).name.startswith("libgomp")}
-    if not paths:
-        return None
-    return sorted(paths, key=lambda path: ("torch" not in path, path))[0]
+    paths = sorted({f[-1] for f in fields if len(f) >= 6 and Path(f[-1]).name.startswith("libgomp")})
+    if torch_dir is not None:
+        own = [path for path in paths if Path(path).is_relative_to(torch_dir)]
+        if own:
+            return own[0]
+    return paths[0] if len(paths) == 1 else None
 
 
 def release_openmp_workers() -> bool:

@@ -278,6 +278,33 @@ def test_packed_decode_matmuls_follow_weights_changed_in_place(
     assert runs[0][0].logprobs != runs[1][0].logprobs  # the packs followed the new weights
 
 
+def test_packs_are_never_taken_for_another_object_that_got_a_freed_one_s_id(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ids are reused once an object is freed: a new module or weight must not inherit old packs."""
+    import copy
+    import weakref
+
+    from art_local.inference.sampling import PackedLinears
+
+    if not PackedLinears.available():
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(PackedLinears, "min_elements", 0)
+    old, new = copy.deepcopy(model), copy.deepcopy(model)
+    old_packs = PackedLinears.for_module(old)
+    assert old_packs is not None
+    with PackedLinears._lock:  # as if ``old`` had been freed and ``new`` allocated at its address
+        PackedLinears._by_module[id(new)] = (weakref.ref(old), old_packs)
+    assert PackedLinears.for_module(new) is not old_packs
+
+    big, small = old.lm_head.weight, old.model.layers[0].self_attn.k_proj.weight
+    old_packs.refresh([(big, None)])
+    old_packs._packs[id(small)] = old_packs._packs[id(big)]  # a stale entry under the small weight's id
+    x = torch.randn(2, 1, small.shape[1])
+    with torch.inference_mode():
+        assert torch.equal(old_packs(x, small, None), torch.nn.functional.linear(x, small))
+
+
 def test_models_outside_the_llama_family_decode_through_their_own_forward(model: Any) -> None:
     import copy
 

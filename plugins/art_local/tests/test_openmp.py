@@ -68,3 +68,17 @@ def test_turned_off_by_the_environment() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_a_call_before_torch_is_imported_does_not_turn_it_off() -> None:
+    script = (
+        "import sys\nfrom art_local.openmp import release_openmp_workers\n"
+        "before = release_openmp_workers()\nassert 'torch' not in sys.modules\n"
+        "import torch\nprint(before, release_openmp_workers())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ART_KEEP_OPENMP_WORKERS"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]

@@ -14,6 +14,7 @@ dispatch, mask building and output plumbing (measured on the 18M model, 8 rows, 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -206,7 +207,7 @@ class PackedLinears:
     min_elements = 1 << 17
     tolerance = 1e-4  # relative to the output's scale; different summation orders differ by ~1e-7
     _lock = threading.Lock()
-    _by_module: OrderedDict[int, PackedLinears] = OrderedDict()
+    _by_module: OrderedDict[int, tuple[weakref.ref[torch.nn.Module], PackedLinears]] = OrderedDict()
     _broken = False
 
     def __init__(self) -> None:
@@ -229,15 +230,21 @@ class PackedLinears:
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or not cls.available():
             return None
         with cls._lock:
-            packs = cls._by_module.pop(id(module), None) or PackedLinears()
-            cls._by_module[id(module)] = packs
+            held = cls._by_module.pop(id(module), None)
+            # an id is reused once its module is freed: a new module never inherits the old one's packs
+            packs = held[1] if held is not None and held[0]() is module else PackedLinears()
+            cls._by_module[id(module)] = (weakref.ref(module), packs)
             while len(cls._by_module) > cls.keep_modules:
                 cls._by_module.popitem(last=False)
         return packs
 
     def refresh(self, matrices: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
-        """Pack every ``(weight, bias)`` not packed yet or changed since; raises ``PackedLinearsDisagree``
-        (having changed nothing a caller uses) if a pack gives another result than ``F.linear``."""
+        """Pack every ``(weight, bias)`` not packed yet or changed since, and forget packs of freed weights.
+
+        Raises (``PackedLinearsDisagree`` if a pack gives another result than ``F.linear``) having changed
+        nothing a caller uses; the caller then runs ``F.linear``."""
+        for key in [key for key, (ref, _, _) in self._packs.items() if ref() is None]:
+            del self._packs[key]
         for weight, bias in matrices:
             if weight.numel() < self.min_elements:
                 continue
@@ -249,13 +256,14 @@ class PackedLinears:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear(x, weight, bias)``, on the pack ``refresh`` made of ``weight`` if it is large enough."""
         held = self._packs.get(id(weight))
-        if held is None:
+        if held is None or held[0]() is not weight:  # too small to pack (or an id left by a freed weight)
             return F.linear(x, weight, bias)
         rows = x.reshape(-1, x.shape[-1])
         out = torch.ops.mkldnn._linear_pointwise(rows, held[2], bias, "none", [], "")
         return cast(torch.Tensor, out).view(*x.shape[:-1], weight.shape[0])
 
     @classmethod
+    @torch.no_grad()
     def _pack(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         packed = cast(torch.Tensor, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64))
         probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
@@ -339,7 +347,8 @@ class DecodeStep:
         if self.packed is not None:
             try:
                 self.packed.refresh(self.matrices)  # a publish may have changed the weights in place
-            except PackedLinearsDisagree:
+            except Exception as exc:  # a pack that disagrees, or oneDNN (or _version) failing here: F.linear
+                logging.getLogger(__name__).warning("decoding without packed matmuls: %r", exc)
                 self.packed = None
             else:
                 return self._step(tokens_B, mask_BT, positions_B, cache, self.packed)
