@@ -145,7 +145,8 @@ async def lockstep(
 
     rewards = random.Random(seed)
 
-    async def rollout(client: Any, model: art.TrainableModel, text: str) -> art.Trajectory:
+    async def sample(client: Any, model: art.TrainableModel, text: str, n: int) -> list[art.Trajectory]:
+        """``n`` completions of one prompt from one chat completion request, each a scored trajectory."""
         messages = [{"role": "user", "content": text}]
         completion = await client.chat.completions.create(
             model=model.get_inference_name(),
@@ -153,28 +154,20 @@ async def lockstep(
             max_tokens=COMPLETION_TOKENS,
             temperature=1.0,
             logprobs=True,
-            extra_body={"ignore_eos": True},
-        )
-        choice = completion.choices[0]
-        assert len(choice.logprobs.content) == COMPLETION_TOKENS
-        return art.Trajectory(messages_and_choices=[*messages, choice], reward=rewards.random())
-
-    async def group(client: Any, model: art.TrainableModel, text: str) -> art.TrajectoryGroup:
-        messages = [{"role": "user", "content": text}]
-        completion = await client.chat.completions.create(
-            model=model.get_inference_name(),
-            messages=messages,
-            max_tokens=COMPLETION_TOKENS,
-            temperature=1.0,
-            logprobs=True,
-            n=GROUP_SIZE,
+            n=n,
             extra_body={"ignore_eos": True},
         )
         assert all(len(c.logprobs.content) == COMPLETION_TOKENS for c in completion.choices)
-        return art.TrajectoryGroup(
+        return [
             art.Trajectory(messages_and_choices=[*messages, c], reward=rewards.random())
             for c in completion.choices
-        )
+        ]
+
+    async def rollout(client: Any, model: art.TrainableModel, text: str) -> art.Trajectory:
+        return (await sample(client, model, text, 1))[0]
+
+    async def group(client: Any, model: art.TrainableModel, text: str) -> art.TrajectoryGroup:
+        return art.TrajectoryGroup(await sample(client, model, text, GROUP_SIZE))
 
     measured: dict[str, list[float]] = {"rollout_s": [], "train_s": [], "n_step_s": [], "trl_step_s": []}
     with tempfile.TemporaryDirectory() as directory:

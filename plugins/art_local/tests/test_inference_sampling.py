@@ -297,12 +297,12 @@ def test_packs_are_never_taken_for_another_object_that_got_a_freed_one_s_id(
         PackedLinears._by_module[id(new)] = (weakref.ref(old), old_packs)
     assert PackedLinears.for_module(new) is not old_packs
 
-    big, small = old.lm_head.weight, old.model.layers[0].self_attn.k_proj.weight
-    old_packs.refresh([(big, None)])
-    old_packs._packs[id(small)] = old_packs._packs[id(big)]  # a stale entry under the small weight's id
-    x = torch.randn(2, 1, small.shape[1])
+    big, small = old.lm_head, old.model.layers[0].self_attn.k_proj
+    old_packs.refresh([big])
+    old_packs._packs[id(small.weight)] = old_packs._packs[id(big.weight)]  # stale, under the small one's id
+    x = torch.randn(2, 1, small.weight.shape[1])
     with torch.inference_mode():
-        assert torch.equal(old_packs(x, small, None), torch.nn.functional.linear(x, small))
+        assert torch.equal(old_packs(x, small), small(x))
 
 
 def test_models_outside_the_llama_family_decode_through_their_own_forward(model: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -198,6 +199,14 @@ async def test_close_stops_the_server_frees_the_port_and_the_service_can_start_a
     await again.close()
 
 
+async def decoding_started(engine: HFEngine, batches_before: int, timeout_s: float = 10.0) -> None:
+    """Wait until the engine has admitted a batch after ``batches_before`` (the requests are decoding)."""
+    deadline = time.monotonic() + timeout_s
+    while engine.batches_run <= batches_before:
+        assert time.monotonic() < deadline, "no batch started decoding"
+        await asyncio.sleep(0.005)
+
+
 async def test_requests_in_flight_finish_on_the_weights_they_started_with(
     service: InferenceService, tiny: Path
 ) -> None:
@@ -206,10 +215,7 @@ async def test_requests_in_flight_finish_on_the_weights_they_started_with(
     engine = hf_engine(service)
     steps_before = engine.batches_run
     inflight = [asyncio.create_task(greedy(client, "agent", tokens=120)) for _ in range(6)]
-    for _ in range(2000):  # wait until the batch is decoding
-        if engine.batches_run > steps_before:
-            break
-        await asyncio.sleep(0.005)
+    await decoding_started(engine, steps_before)
     await service.publish("agent", 1, weights_for(tiny, seed=1))
     new = await greedy(client, "agent", tokens=120)
     results = await asyncio.gather(*inflight)
@@ -243,10 +249,7 @@ async def test_publish_reuses_evicted_modules_but_never_one_a_request_still_deco
     await service.publish("agent", 2, kept[2])
     started = engine.batches_run
     inflight = [asyncio.create_task(greedy(client, "agent@0", tokens=400)) for _ in range(4)]
-    for _ in range(2000):  # wait until the batch is decoding
-        if engine.batches_run > started:
-            break
-        await asyncio.sleep(0.005)
+    await decoding_started(engine, started)
     for step in (3, 4, 5, 6):  # step 0 leaves memory (evicted at 5) while its requests still decode
         await service.publish("agent", step, kept[step])
     assert not any(task.done() for task in inflight)

@@ -133,7 +133,9 @@ class BatchWorker:
                 waiting.append(job)
         self._pending = waiting
         for key, jobs in groups.items():
-            batch = self._batches.setdefault(key, DecodeBatch(jobs[0].module, jobs[0].vocab))
+            batch = self._batches.get(key)
+            if batch is None:  # built only when needed: it inspects the model (DecodeStep.of)
+                batch = self._batches[key] = DecodeBatch(jobs[0].module, jobs[0].vocab)
             rows = [row for job in jobs for row in job.rows]
             tickets = [(job, i) for job in jobs for i in range(len(job.rows))]
             try:

@@ -191,7 +191,7 @@ class PackedLinears:
 
     A decoding step multiplies a handful of rows by every weight matrix; for that shape oneDNN's kernels on
     weights reordered ahead of time beat the default BLAS call. Measured on the 18M model's 36 matrices, 8 rows,
-    2 AMD EPYC cores: 5.6-6.7 ms per step against 8.0-11.5 ms through ``F.linear``. A weight is packed on first
+    2 AMD EPYC cores: 6.6-7.5 ms per step against 8.7-13.5 ms through ``F.linear`` (three runs). A weight is packed on first
     use and packed again when it changes (a publish copies new weights into a module in place: tensors count
     their in-place changes in ``_version``; a ``.data`` swap changes ``data_ptr``; writing through ``.data`` in
     place is the one change it cannot see). Packs of the ``keep_modules`` most recently used modules are kept.
@@ -233,34 +233,39 @@ class PackedLinears:
             held = cls._by_module.pop(id(module), None)
             # an id is reused once its module is freed: a new module never inherits the old one's packs
             packs = held[1] if held is not None and held[0]() is module else PackedLinears()
+            packs._forget_freed()
             cls._by_module[id(module)] = (weakref.ref(module), packs)
             while len(cls._by_module) > cls.keep_modules:
                 cls._by_module.popitem(last=False)
         return packs
 
-    def refresh(self, matrices: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
-        """Pack every ``(weight, bias)`` not packed yet or changed since, and forget packs of freed weights.
+    def refresh(self, linears: Sequence[torch.nn.Linear]) -> None:
+        """Pack every large enough weight of ``linears`` not packed yet or changed since.
 
         Raises (``PackedLinearsDisagree`` if a pack gives another result than ``F.linear``) having changed
         nothing a caller uses; the caller then runs ``F.linear``."""
-        for key in [key for key, (ref, _, _) in self._packs.items() if ref() is None]:
-            del self._packs[key]
-        for weight, bias in matrices:
+        for linear in linears:
+            weight = linear.weight
             if weight.numel() < self.min_elements:
                 continue
             held = self._packs.get(id(weight))
             stamp = (weight._version, weight.data_ptr())
             if held is None or held[0]() is not weight or held[1] != stamp:
-                self._packs[id(weight)] = (weakref.ref(weight), stamp, self._pack(weight, bias))
+                self._packs[id(weight)] = (weakref.ref(weight), stamp, self._pack(weight, linear.bias))
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``F.linear(x, weight, bias)``, on the pack ``refresh`` made of ``weight`` if it is large enough."""
+    def __call__(self, x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+        """``linear(x)``, on the pack ``refresh`` made of its weight if it is large enough."""
+        weight, bias = linear.weight, linear.bias
         held = self._packs.get(id(weight))
         if held is None or held[0]() is not weight:  # too small to pack (or an id left by a freed weight)
             return F.linear(x, weight, bias)
         rows = x.reshape(-1, x.shape[-1])
         out = torch.ops.mkldnn._linear_pointwise(rows, held[2], bias, "none", [], "")
         return cast(torch.Tensor, out).view(*x.shape[:-1], weight.shape[0])
+
+    def _forget_freed(self) -> None:
+        for key in [key for key, (ref, _, _) in self._packs.items() if ref() is None]:
+            del self._packs[key]
 
     @classmethod
     @torch.no_grad()
@@ -277,6 +282,10 @@ class PackedLinears:
 
 class PackedLinearsDisagree(RuntimeError):
     """oneDNN's packed linear gave another result than ``F.linear`` (the packs are off from then on)."""
+
+
+def _plain_linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    return F.linear(x, linear.weight, linear.bias)
 
 
 _LEAN_DECODER_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})
@@ -300,9 +309,8 @@ class DecodeStep:
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.packed = PackedLinears.for_module(model)
-        self.matrices = [
-            (linear.weight, linear.bias)
+        self.linears: list[torch.nn.Linear] = [
+            linear
             for layer in self.layers
             for linear in (
                 layer.self_attn.q_proj,
@@ -313,9 +321,9 @@ class DecodeStep:
                 layer.mlp.up_proj,
                 layer.mlp.down_proj,
             )
-        ] + [(self.lm_head.weight, getattr(self.lm_head, "bias", None))]
-        if all(weight.numel() < PackedLinears.min_elements for weight, _ in self.matrices):
-            self.packed = None
+        ] + [self.lm_head]
+        large = any(linear.weight.numel() >= PackedLinears.min_elements for linear in self.linears)
+        self.packed = PackedLinears.for_module(model) if large else None
 
     @staticmethod
     def of(model: PreTrainedModel) -> DecodeStep | None:
@@ -346,13 +354,13 @@ class DecodeStep:
         """
         if self.packed is not None:
             try:
-                self.packed.refresh(self.matrices)  # a publish may have changed the weights in place
+                self.packed.refresh(self.linears)  # a publish may have changed the weights in place
             except Exception as exc:  # a pack that disagrees, or oneDNN (or _version) failing here: F.linear
                 logging.getLogger(__name__).warning("decoding without packed matmuls: %r", exc)
                 self.packed = None
             else:
                 return self._step(tokens_B, mask_BT, positions_B, cache, self.packed)
-        return self._step(tokens_B, mask_BT, positions_B, cache, F.linear)
+        return self._step(tokens_B, mask_BT, positions_B, cache, _plain_linear)
 
     def _step(
         self,
@@ -360,7 +368,7 @@ class DecodeStep:
         mask_BT: torch.Tensor,
         positions_B: torch.Tensor,
         cache: DynamicCache,
-        linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+        linear: Callable[[torch.Tensor, torch.nn.Linear], torch.Tensor],
     ) -> torch.Tensor:
         B = tokens_B.shape[0]
         hidden_B1D = self.embed(tokens_B.unsqueeze(-1))
@@ -369,9 +377,11 @@ class DecodeStep:
         for layer, cached in zip(self.layers, cast(list[Any], cache.layers), strict=True):
             attention, mlp = layer.self_attn, layer.mlp
             x_B1D = layer.input_layernorm(hidden_B1D)
-            q = linear(x_B1D, attention.q_proj.weight, attention.q_proj.bias)
-            k = linear(x_B1D, attention.k_proj.weight, attention.k_proj.bias)
-            v = linear(x_B1D, attention.v_proj.weight, attention.v_proj.bias)
+            q, k, v = (
+                linear(x_B1D, attention.q_proj),
+                linear(x_B1D, attention.k_proj),
+                linear(x_B1D, attention.v_proj),
+            )
             q_BH1d = q.view(B, 1, self.heads, self.head_dim).transpose(1, 2)
             k_BK1d = k.view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             v_BK1d = v.view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -387,12 +397,11 @@ class DecodeStep:
                 enable_gqa=self.kv_heads != self.heads,
             )
             out = heads_BH1d.transpose(1, 2).reshape(B, 1, self.heads * self.head_dim)
-            hidden_B1D = hidden_B1D + linear(out, attention.o_proj.weight, attention.o_proj.bias)
+            hidden_B1D = hidden_B1D + linear(out, attention.o_proj)
             x_B1D = layer.post_attention_layernorm(hidden_B1D)
-            gate = linear(x_B1D, mlp.gate_proj.weight, mlp.gate_proj.bias)
-            up = linear(x_B1D, mlp.up_proj.weight, mlp.up_proj.bias)
-            hidden_B1D = hidden_B1D + linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
-        return linear(self.norm(hidden_B1D), *self.matrices[-1])[:, -1, :]
+            gate, up = linear(x_B1D, mlp.gate_proj), linear(x_B1D, mlp.up_proj)
+            hidden_B1D = hidden_B1D + linear(F.silu(gate) * up, mlp.down_proj)
+        return linear(self.norm(hidden_B1D), self.lm_head)[:, -1, :]
 
 
 class DecodeBatch:
