@@ -4,7 +4,7 @@
 not even openai or pyarrow until they are needed.
 """
 
-from art_core import dev
+from art_core import dev, rewards, utils
 from art_core.advantages import group_advantages, normalize_batch
 from art_core.backend import Backend, ImportanceSamplingLevel, TrainableBackend
 from art_core.gather import TooManyExceptionsError, gather_trajectories, gather_trajectory_groups
@@ -14,6 +14,7 @@ from art_core.model import Model, TrainableModel
 from art_core.plugins import list_backends, list_reporters, load_backend
 from art_core.results import LocalTrainResult, ServerlessTrainResult, TinkerTrainResult, TrainResult
 from art_core.trajectories import History, Trajectory, TrajectoryGroup
+from art_core.utils import retry
 
 __version__ = "0.1.0"
 
@@ -42,4 +43,7 @@ __all__ = [
     "list_reporters",
     "load_backend",
     "normalize_batch",
+    "retry",
+    "rewards",
+    "utils",
 ]
