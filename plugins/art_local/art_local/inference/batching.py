@@ -42,7 +42,9 @@ class Job:
     """One request: ``len(rows)`` sequences (its ``n``) whose completions settle one future.
 
     ``release`` runs once, from the worker, when none of the job's rows is queued or decoding any more (also
-    when its requester stopped waiting), so the engine knows when ``module`` is free.
+    when its requester stopped waiting), so the engine knows when ``module`` is free. ``abandoned`` is set by
+    the requester when it stops waiting (client gone, timeout): the worker then drops the job's rows, queued or
+    decoding, at the next step.
     """
 
     module: PreTrainedModel
@@ -52,6 +54,16 @@ class Job:
     loop: asyncio.AbstractEventLoop
     done: dict[int, Completion] = field(default_factory=dict)
     release: Callable[[], None] | None = None
+    abandoned: bool = False
+
+    @property
+    def given_up(self) -> bool:
+        """True once nobody waits for the result (set from the requester's thread, read by the worker)."""
+        return self.abandoned or self.future.cancelled()
+
+
+class EngineFailure(RuntimeError):
+    """The batch worker died or stalled: every pending and later request fails with this, naming the cause."""
 
 
 def settle(job: Job, result: list[Completion] | BaseException) -> None:
@@ -79,22 +91,68 @@ class BatchWorker:
 
     When nothing runs, the first request waits ``window_s`` for company (sliding, at most 20 windows); while a
     batch runs, requests that arrived join it at the next step (continuous batching). Batches of different
-    modules (steps) take turns step by step, so no step's requests starve.
+    modules (steps) take turns step by step, so no step's requests starve. Requests beyond ``max_rows`` wait in
+    ``_pending`` and are admitted as rows finish; the worker only sleeps on its queue when nothing is pending.
+
+    Crash, never hang: if the thread dies, every pending request fails with an ``EngineFailure`` naming the
+    cause, and so does every later ``submit``; ``check`` also fails once the worker has had work but made no
+    progress for ``stall_timeout_s`` (a step stuck in a kernel), which the engine polls while requests wait.
     """
 
-    def __init__(self, window_s: float, max_rows: int, cpu_threads: int | None = None) -> None:
+    def __init__(
+        self, window_s: float, max_rows: int, cpu_threads: int | None = None, stall_timeout_s: float = 300.0
+    ) -> None:
         self._window_s, self._max_rows, self._cpu_threads = window_s, max_rows, cpu_threads
+        self._stall_timeout_s = stall_timeout_s
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._pending: list[Job] = []
         self._batches: dict[int, DecodeBatch] = {}
+        self._lock = threading.Lock()
+        self._live = 0  # submitted jobs not settled yet (queued, pending or decoding)
+        self._progress_at = time.monotonic()  # last time the loop went round (idle waits count)
+        self.failure: EngineFailure | None = None
         self.batches_run = 0  # prefills (groups of requests admitted together), for tests and benchmarks
         self.steps_run = 0
+        self.rows_dropped = 0  # rows of abandoned requests dropped before they finished
         self._thread = threading.Thread(target=self._run, daemon=True, name="art-hf-batcher")
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue a job; its future is settled from the worker thread."""
+        """Queue a job; its future is settled from the worker thread. Raises the worker's failure, if any."""
+        self.check()
+        release = job.release
+
+        def release_and_count() -> None:
+            with self._lock:
+                self._live -= 1
+            if release is not None:
+                release()
+
+        job.release = release_and_count
+        with self._lock:
+            if not self._live:  # an idle worker's last round may be long ago: the stall clock starts now
+                self._progress_at = time.monotonic()
+            self._live += 1
         self._queue.put(job)
+
+    def live_jobs(self) -> int:
+        """Requests submitted and not answered yet (queued, waiting for room, or decoding)."""
+        with self._lock:
+            return self._live
+
+    def check(self) -> None:
+        """Raise ``EngineFailure`` if the worker died, or has had work without progress for ``stall_timeout_s``."""
+        if self.failure is None and not self._thread.is_alive() and self._live:
+            self.failure = EngineFailure("the inference worker thread has stopped; restart the backend")
+        stalled_s = time.monotonic() - self._progress_at
+        if self.failure is None and self._live and stalled_s > self._stall_timeout_s:
+            self.failure = EngineFailure(
+                f"the inference worker has made no progress for {stalled_s:.0f} s with "
+                f"{self._live} request(s) waiting (a decoding step is stuck); restart the backend, or raise "
+                "HFEngineConfig.stall_timeout_s if single steps legitimately take this long"
+            )
+        if self.failure is not None:
+            raise self.failure
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Fail queued and running jobs, and stop the thread."""
@@ -121,7 +179,7 @@ class BatchWorker:
         waiting: list[Job] = []
         groups: dict[int, list[Job]] = {}
         for job in self._pending:
-            if job.future.cancelled():
+            if job.given_up:
                 settle(job, asyncio.CancelledError())  # nobody waits; this releases the module
                 continue
             batch = self._batches.get(id(job.module))
@@ -145,6 +203,18 @@ class BatchWorker:
                 continue
             self.batches_run += 1
 
+    def _drop_abandoned(self, batch: DecodeBatch) -> None:
+        """Remove the rows of requests nobody waits for any more, and settle those requests."""
+        tickets = cast(list[tuple[Job, int]], batch.tickets)
+        keep = [i for i, (job, _) in enumerate(tickets) if not job.given_up]
+        if len(keep) == len(tickets):
+            return
+        gone = {id(job): job for job, _ in tickets if job.given_up}
+        self.rows_dropped += len(tickets) - len(keep)
+        batch.keep_rows(keep)
+        for job in gone.values():
+            settle(job, asyncio.CancelledError())
+
     def _step(self, key: int, batch: DecodeBatch) -> None:
         try:
             finished = batch.step()
@@ -166,25 +236,44 @@ class BatchWorker:
             settle(job, RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
 
     def _run(self) -> None:
+        error: BaseException = RuntimeError("the inference engine was closed before this request finished")
+        try:
+            self._loop()
+        except BaseException as exc:  # anything that escapes the loop fails every request with its cause
+            error = self.failure = EngineFailure(
+                f"the inference worker crashed: {type(exc).__name__}: {exc}; restart the backend"
+            )
+            raise
+        finally:
+            self._settle_all(error)
+
+    def _loop(self) -> None:
         if self._cpu_threads is not None:
             set_thread_count_here_only(self._cpu_threads)
         running = True
         while running:
-            if not self._batches:
-                release_openmp_workers()  # idle: let whichever thread computes next run un-throttled
-            running = self._take(block=not self._batches)
+            self._progress_at = time.monotonic()
+            idle = not self._batches and not self._pending
+            if idle:
+                release_openmp_workers()  # let whichever thread computes next run un-throttled
+            running = self._take(block=idle)
+            self._progress_at = time.monotonic()
             self._admit()
             for key, batch in list(self._batches.items()):
+                self._drop_abandoned(batch)
                 if len(batch):
                     self._step(key, batch)
                 if not len(batch):
                     self._batches.pop(key, None)  # drop the module reference: old steps can be freed
-        error = RuntimeError("the inference engine was closed before this request finished")
+
+    def _settle_all(self, error: BaseException) -> None:
         for batch in self._batches.values():
-            for ticket in batch.tickets:
-                settle(cast(tuple[Job, int], ticket)[0], error)
+            for job in {id(j): j for j, _ in cast(list[tuple[Job, int]], batch.tickets)}.values():
+                settle(job, error)
+        self._batches.clear()
         for job in self._pending:
             settle(job, error)
+        self._pending = []
         while not self._queue.empty():
             left = self._queue.get_nowait()
             if left is not None:

@@ -53,6 +53,9 @@ class HFEngineConfig:
     max_batch_rows: int = 64  # sequences (prompts x n) sampled together at most
     max_cached_steps: int = 2  # older steps kept in memory besides the latest (least recently used goes)
     cpu_threads: int | None = None  # torch threads of the sampling thread on CPU; None: torch's
+    # requests waiting while the worker makes no progress this long fail (and so does every later one)
+    stall_timeout_s: float = 300.0
+    watchdog_interval_s: float = 1.0  # how often a waiting request checks that the worker is alive
 
 
 def default_device() -> torch.device:
@@ -160,6 +163,7 @@ class HFEngine:
             self.config.batch_window_s,
             self.config.max_batch_rows,
             (self.config.cpu_threads or default_cpu_threads()) if self.device.type == "cpu" else None,
+            stall_timeout_s=self.config.stall_timeout_s,
         )
 
     # ---- registry (called from the service, off the event loop) ----
@@ -386,11 +390,40 @@ class HFEngine:
             loop = asyncio.get_running_loop()
             future: asyncio.Future[list[Completion]] = loop.create_future()
             release = functools.partial(self._release, module)
-            self._worker.submit(Job(module, entry.vocab, rows, future, loop, release=release))
+            job = Job(module, entry.vocab, rows, future, loop, release=release)
+            self._worker.submit(job)
         except BaseException:
             self._release(module)
             raise
-        return await future  # cancelled: the worker still releases the module once the rows are done
+        return await self._wait(job)
+
+    async def _wait(self, job: Job) -> list[Completion]:
+        """The job's result; fails with the worker's failure instead of waiting on a dead or stuck worker.
+
+        Cancelled (client gone, timeout) or failed: the job is marked abandoned, so the worker drops its rows
+        at the next step and releases the module.
+        """
+        try:
+            while True:
+                done, _ = await asyncio.wait({job.future}, timeout=self.config.watchdog_interval_s)
+                if done:
+                    return job.future.result()
+                self._worker.check()
+        finally:
+            job.abandoned = not job.future.done()
+
+    def check_healthy(self) -> None:
+        """Raise ``EngineFailure`` (naming the cause) if the batch worker died or stalled."""
+        self._worker.check()
+
+    def pending_requests(self) -> int:
+        """Requests submitted and not answered yet (queued, waiting for room in a batch, or decoding)."""
+        return self._worker.live_jobs()
+
+    @property
+    def steps_run(self) -> int:
+        """Decoding steps the worker has run so far (for tests and benchmarks)."""
+        return self._worker.steps_run
 
     def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
         if seed is None:

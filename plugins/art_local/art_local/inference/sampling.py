@@ -479,6 +479,16 @@ class DecodeBatch:
         self.outputs += [_RowOutput() for _ in rows]
         self.tickets += tickets
 
+    def keep_rows(self, keep: list[int]) -> None:
+        """Keep only the rows at indices ``keep`` (in order), e.g. to drop those nobody waits for any more."""
+        if not keep:
+            self.rows, self.outputs, self.tickets = [], [], []
+            self.cache, self.logits_BV = None, None
+            return
+        if self.logits_BV is not None:
+            self.logits_BV = self.logits_BV[torch.tensor(keep, device=self.device, dtype=torch.long)]
+        self._keep(keep)
+
     def _keep(self, keep: list[int]) -> None:
         assert self.cache is not None
         keep_K = torch.tensor(keep, device=self.device, dtype=torch.long)

@@ -17,6 +17,7 @@ Another plugin serves its own sampler by implementing ``art_local.inference.engi
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import socket
@@ -31,7 +32,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from art_local.inference.engine import Engine, UnknownModelError
+from art_local.inference.batching import EngineFailure
+from art_local.inference.engine import Engine, ServedModel, UnknownModelError
 from art_local.inference.protocol import (
     ChatCompletionRequest,
     RequestError,
@@ -151,15 +153,78 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, str(exc.detail), "invalid_request_error")
 
 
-def create_app(engine: Engine, *, api_key: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The OpenAI-compatible FastAPI app over ``engine``; every ``/v1`` route requires ``api_key``."""
+async def _client_left(request: Request) -> None:
+    """Return once the client has disconnected (the body has been read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _at_least_tokens(served: ServedModel, body: ChatCompletionRequest) -> int:
+    """A cheap lower bound on the prompt's tokens: its characters over the longest token's (no tokenizing)."""
+    chars = sum(len(v) for m in body.messages for v in m.values() if isinstance(v, str))
+    return chars // max(longest_token_chars(served.tokenizer), 1)
+
+
+@functools.cache
+def _longest_token_chars(tokenizer: Any) -> int:
+    return max((len(t) for t in tokenizer.get_vocab()), default=1)
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The longest vocabulary entry, in characters (cached per tokenizer)."""
+    try:
+        return _longest_token_chars(tokenizer)
+    except TypeError:  # an unhashable tokenizer: no bound
+        return 1 << 30
+
+
+async def _complete(engine: Engine, body: ChatCompletionRequest) -> Any:
+    """Answer one chat completion; tokenizing and building the response run off the event loop."""
+    try:
+        served = engine.resolve(body.model)
+        if (at_least := _at_least_tokens(served, body)) >= served.context_length:
+            raise RequestError(
+                f"the messages hold at least {at_least} tokens; {body.model!r} accepts {served.context_length} "
+                "(prompt and completion together): shorten the prompt",
+                "messages",
+            )
+        prompt = await asyncio.to_thread(render_prompt, served, body)
+        params = sampling_params(served, body, len(prompt))
+        completions = await engine.generate(body.model, prompt, params)
+        return await asyncio.to_thread(chat_completion_response, served, body, len(prompt), completions)
+    except UnknownModelError as exc:
+        return _error(404, str(exc), "invalid_request_error", "model_not_found", "model")
+    except RequestError as exc:
+        return _error(400, str(exc), "invalid_request_error", "invalid_request", exc.param)
+    except Exception as exc:  # the engine failed: answer 500/503 with the cause, keep serving
+        logging.getLogger(__name__).error("chat completion for %r failed: %r", body.model, exc)
+        status = 503 if isinstance(exc, EngineFailure) else 500
+        return _error(
+            status, f"inference failed: {type(exc).__name__}: {exc}", "server_error", "internal_error"
+        )
+
+
+def create_app(
+    engine: Engine,
+    *,
+    api_key: str,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    health: Callable[[], str | None] | None = None,
+) -> FastAPI:
+    """The OpenAI-compatible FastAPI app over ``engine``; every ``/v1`` route requires ``api_key``.
+
+    ``health()`` returns None while the engine works, else the cause: ``/health`` then answers 503 with it.
+    """
     if not api_key:
         raise ValueError("api_key is empty; the server requires a key (use secrets.token_urlsafe())")
     app = FastAPI(title="art inference", docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
+    async def health_route() -> Any:
+        problem = health() if health is not None else None
+        if problem is not None:
+            return _error(503, problem, "server_error", "engine_failed")
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -173,22 +238,18 @@ def create_app(engine: Engine, *, api_key: str, max_body_bytes: int = DEFAULT_MA
         }
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        work = asyncio.ensure_future(_complete(engine, body))
+        gone = asyncio.ensure_future(_client_left(request))
         try:
-            served = engine.resolve(body.model)
-            prompt = render_prompt(served, body)
-            params = sampling_params(served, body, len(prompt))
-            completions = await engine.generate(body.model, prompt, params)
-        except UnknownModelError as exc:
-            return _error(404, str(exc), "invalid_request_error", "model_not_found", "model")
-        except RequestError as exc:
-            return _error(400, str(exc), "invalid_request_error", "invalid_request", exc.param)
-        except Exception as exc:  # the engine failed: answer 500 with the cause, keep serving
-            logging.getLogger(__name__).error("chat completion for %r failed: %r", body.model, exc)
-            return _error(
-                500, f"inference failed: {type(exc).__name__}: {exc}", "server_error", "internal_error"
-            )
-        return chat_completion_response(served, body, len(prompt), completions)
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():  # the client left (or this handler was cancelled): stop its work
+                work.cancel()
+        if not work.done() or work.cancelled():
+            return _error(499, "the client closed the connection", "invalid_request_error", "client_closed")
+        return work.result()
 
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(ApiKeyAuth, api_key=api_key)  # added last: runs first
