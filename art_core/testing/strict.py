@@ -122,7 +122,7 @@ class StrictBackend:
 
     async def _prepare_backend_for_training(self, model: TrainableModel) -> tuple[str, str]:
         if self._server is None:
-            self._server = StrictServer(self._sample)
+            self._server = StrictServer(self._sample, self._served)
             await asyncio.to_thread(self._server.start)
         return self._server.base_url, self._server.api_key
 
@@ -133,6 +133,14 @@ class StrictBackend:
             return self.storage.checkpoints[name]
 
     # -- inference (called from the server thread) ----------------------------------------------------------
+
+    def _served(self) -> list[str]:
+        """Every name the endpoint answers: each model's latest, then one per kept step."""
+        with self.storage.lock:
+            kept = {name: sorted(self.storage.checkpoints.get(name, {})) for name in self._models}
+        return [
+            served for name, steps in kept.items() for served in [name, *(f"{name}@{step}" for step in steps)]
+        ]
 
     def _sample(self, served_name: str, max_tokens: int, temperature: float, seed: int | None) -> _Completion:
         name, _, raw_step = served_name.partition("@")

@@ -35,9 +35,12 @@ Sampler = Callable[[str, int, float, "int | None"], _Completion]
 class StrictServer:
     """Serves ``POST /v1/chat/completions``, ``GET /v1/models`` and ``GET /health`` on 127.0.0.1."""
 
-    def __init__(self, sample: Sampler, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, sample: Sampler, served: Callable[[], list[str]], *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.api_key = "strict-" + secrets.token_hex(16)
         self._sample = sample
+        self._served = served
         self._httpd = ThreadingHTTPServer((host, port), self._handler())
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -48,7 +51,9 @@ class StrictServer:
         return f"http://{host!s}:{port}/v1"
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="strict-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.05,), name="strict-server", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -88,16 +93,19 @@ class StrictServer:
             def do_GET(self) -> None:
                 if self.path == "/health":
                     self._reply(200, {"status": "ok"})
-                elif self.path == "/v1/models" and self._authorized():
-                    self._reply(200, {"object": "list", "data": []})
-                elif self.path != "/v1/models":
+                elif self.path == "/v1/models":
+                    if self._authorized():
+                        self._reply(200, {"object": "list", "data": _models(server._served())})
+                elif self.path.startswith("/v1/") and not self._authorized():
+                    return
+                else:
                     self._error(404, f"no route {self.path}", "not_found")
 
             def do_POST(self) -> None:
+                if not self._authorized():
+                    return
                 if self.path != "/v1/chat/completions":
                     self._error(404, f"no route {self.path}", "not_found")
-                    return
-                if not self._authorized():
                     return
                 length = int(self.headers.get("Content-Length") or 0)
                 if length > MAX_BODY_BYTES:
@@ -136,6 +144,10 @@ class StrictServer:
                 self._reply(200, _response(model, completions, bool(request.get("logprobs"))))
 
         return Handler
+
+
+def _models(names: list[str]) -> list[dict[str, Any]]:
+    return [{"id": name, "object": "model", "created": 0, "owned_by": "art-strict"} for name in names]
 
 
 def _response(model: str, completions: list[_Completion], logprobs: bool) -> dict[str, Any]:
