@@ -335,6 +335,49 @@ class LocalBackend:
         async with slot.train_lock:
             return await self._train_locked(slot, groups, config, options, save_checkpoint)
 
+    # -- checkpoint forking -----------------------------------------------------------------------------------
+
+    async def fork_checkpoint(
+        self,
+        model: TrainableModel,
+        from_model: str,
+        from_project: str | None = None,
+        *,
+        not_after_step: int | None = None,
+        from_s3_bucket: str | None = None,
+        prefix: str | None = None,
+        verbose: bool = False,
+    ) -> int:
+        """Start ``model`` from the latest checkpoint of ``from_model`` (in ``from_project``, default the same
+        project) that is not after ``not_after_step``; returns the forked step.
+
+        Call it before ``await model.register(backend)``: registering then resumes at that step, and
+        ``model.get_inference_name(step)`` (``name@step``) serves it. ART's name
+        ``_experimental_fork_checkpoint`` is an alias.
+        """
+        from art_local.fork import fork_checkpoints, source_dir
+
+        if from_s3_bucket is not None or prefix is not None:
+            raise NotImplementedError(
+                "LocalBackend forks from its own path only; download the checkpoint to "
+                f"{self._path}/<project>/models/<name>/checkpoints/<step> first, then fork without from_s3_bucket"
+            )
+        if model.name in self._slots:
+            raise ValueError(
+                f"model {model.name!r} is already registered with this backend; fork_checkpoint() it before "
+                "`await model.register(backend)`, or fork into a new model name"
+            )
+        root = Path(self._path)
+        source_project = from_project or model.project
+        source = source_dir(root, source_project, from_model)
+        destination = root / model.project / "models" / model.name / "checkpoints"
+        step = await asyncio.to_thread(fork_checkpoints, source, destination, not_after_step)
+        if verbose:
+            print(f"forked {source_project}/{from_model} step {step} into {model.project}/{model.name}")
+        return step
+
+    _experimental_fork_checkpoint = fork_checkpoint
+
     # -- internals --------------------------------------------------------------------------------------------
 
     async def _train_locked(
