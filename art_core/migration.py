@@ -165,3 +165,75 @@ async def train_and_log(
         )
     await model.log(groups, split="train", metrics=result.metrics, step=result.step)
     return result
+
+
+# OpenPipe ART's ``TrainableModel(_internal_config=...)`` keys, and what replaces each here. None of them is a
+# field of the model: they configured ART's Unsloth/vLLM stack, whose counterparts here are backend settings.
+_LORA = "the LoRA shape: LocalBackend(trainer_config=TrainerConfig(lora_rank=..., lora_alpha=..., lora_targets=...))"
+_INTERNAL_CONFIG_REPLACEMENTS: dict[str, str] = {
+    "init_args": (
+        "init_args.max_seq_length is LocalBackend(trainer_config=TrainerConfig(max_sequence_length=...)); "
+        "its other keys (4/8-bit loading, gpu_memory_utilization, fast_inference) have no equivalent: drop them"
+    ),
+    "engine_args": "the inference engine is LocalBackend(engine='hf' | 'vllm'); vLLM engine arguments are not "
+    "configurable per model: drop them",
+    "peft_args": f"{_LORA} (r -> lora_rank, lora_alpha -> lora_alpha, target_modules -> lora_targets, "
+    "random_state -> seed), or TinkerBackend(lora_rank=...)",
+    "lora_config": f"{_LORA}, or TinkerBackend(lora_rank=...)",
+    "trainer_args": (
+        "learning_rate is backend.train(model, groups, learning_rate=...); adam_beta1/adam_beta2, adam_epsilon, "
+        "weight_decay and max_grad_norm are TrainerConfig(betas=(b1, b2), eps=..., weight_decay=..., "
+        "max_grad_norm=...) passed as LocalBackend(trainer_config=...); the rest have no equivalent"
+    ),
+    "tinker_args": "TinkerBackend(lora_rank=...) (the renderer is the base model's chat template)",
+    "tinker_native_args": "TinkerBackend(lora_rank=...) (the renderer is the base model's chat template)",
+    "trainer_gpu_ids": "LocalBackend(train_devices=N) trains on N devices; LocalBackend(device=...) picks one",
+    "inference_gpu_ids": "LocalBackend(device=...); inference shares the training device",
+    "_decouple_vllm_and_unsloth": "no equivalent (training and inference are separate here already): drop it",
+}
+_NO_EQUIVALENT = (
+    "no equivalent: prompts are rendered with the base model's own chat template (edit tokenizer_config.json "
+    "in a local copy of the model to change it); drop the key"
+)
+for _key in (
+    "chat_template",
+    "chat_template_kwargs",
+    "chat_template_path",
+    "chat_template_content_format",
+    "chat_template_tool_schema_format",
+):
+    _INTERNAL_CONFIG_REPLACEMENTS[_key] = _NO_EQUIVALENT
+for _key in (
+    "rollout_weights_mode",
+    "rollout_weight_update_mode",
+    "vllm_runtime",
+    "allow_unvalidated_arch",
+    "megatron_model_initialization",
+):
+    _INTERNAL_CONFIG_REPLACEMENTS[_key] = "no equivalent in this framework's backends: drop the key"
+
+
+def internal_config_error(config: object) -> str | None:
+    """Why ART's ``_internal_config`` cannot be taken as given, key by key with the replacement (None if empty).
+
+    Each key configured ART's own trainer and engine; here those settings belong to the backend, so keeping the
+    dict on the model would do nothing at all. An empty dict or None is accepted: nothing is lost.
+    """
+    if config is None:
+        return None
+    if not isinstance(config, Mapping):
+        return f"_internal_config must be a dict (ART's dev.InternalModelConfig), not {type(config).__name__}"
+    if not config:
+        return None
+    lines = []
+    for key in config:
+        replacement = _INTERNAL_CONFIG_REPLACEMENTS.get(str(key))
+        if replacement is None:
+            replacement = (
+                f"not a key of ART's InternalModelConfig (known: {', '.join(_INTERNAL_CONFIG_REPLACEMENTS)})"
+            )
+        lines.append(f"  {key}: {replacement}")
+    return (
+        "_internal_config (OpenPipe ART) is not a model setting here; it would be silently ignored, so it is "
+        "refused. Remove it and use instead:\n" + "\n".join(lines)
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import threading
 import warnings
 from collections.abc import Iterable, Mapping
@@ -15,7 +14,16 @@ import pydantic
 from typing_extensions import deprecated
 
 from art_core import history
-from art_core.trajectories import Trajectory, TrajectoryGroup, check_groups
+from art_core.model_checks import (
+    check_metrics,
+    check_step,
+    coerce_groups,
+    known_fields,
+    validate_model_name,
+    validate_name,
+    validate_split,
+)
+from art_core.trajectories import TrajectoryGroup
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -26,81 +34,13 @@ if TYPE_CHECKING:
     from art_core.reporters import Reporter
     from art_core.results import TrainResult
 
-NAME_MAX_LENGTH = 128
-_SPLIT_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-
-
-def validate_name(value: str, what: str) -> str:
-    """A model or project name becomes a directory: refuse anything that could escape or break it."""
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be a string, not {type(value).__name__}")
-    problems = []
-    if not value or value.strip() != value:
-        problems.append("is empty or has surrounding whitespace")
-    if len(value) > NAME_MAX_LENGTH:
-        problems.append(f"is longer than {NAME_MAX_LENGTH} characters")
-    if "/" in value or "\\" in value:
-        problems.append("contains a path separator")
-    if ".." in value or value == ".":
-        problems.append("contains '..' or is '.'")
-    if any(ord(char) < 32 or ord(char) == 127 for char in value):
-        problems.append("contains a NUL or control character")
-    if problems:
-        raise ValueError(
-            f"{what} {value[:NAME_MAX_LENGTH]!r} {' and '.join(problems)}; use letters, digits, '-', '_' and '.' "
-            "(for example 'agent-001')"
-        )
-    return value
-
-
-def validate_split(split: str) -> str:
-    if not isinstance(split, str):
-        raise TypeError(f"split must be a string such as 'train' or 'val', not {type(split).__name__}")
-    if not _SPLIT_PATTERN.match(split) or ".." in split:
-        raise ValueError(f"split {split!r} is not a plain name; use e.g. 'train', 'val' or 'test'")
-    return split
-
-
-def _check_metrics(metrics: object) -> dict[str, float]:
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise TypeError(f"metrics must be a dict of name → number, not {type(metrics).__name__}")
-    checked: dict[str, float] = {}
-    for key, value in metrics.items():
-        if not isinstance(key, str):
-            raise TypeError(f"metric name {key!r} is a {type(key).__name__}; names must be strings")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            try:
-                value = float(value)  # numpy and torch scalars
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"metric {key!r} is a {type(value).__name__}; metric values must be numbers"
-                ) from None
-        checked[key] = float(value)
-    return checked
-
-
-def _check_step(step: object) -> int:
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise TypeError(f"step must be an int, not {type(step).__name__}")
-    if step < 0:
-        raise ValueError(f"step={step} is negative")
-    return step
-
-
-def _coerce_groups(value: object) -> list[TrajectoryGroup]:
-    if (
-        isinstance(value, (list, tuple))
-        and value
-        and all(isinstance(v, (Trajectory, BaseException)) for v in value)
-    ):
-        return [TrajectoryGroup(value)]  # ART accepts a flat batch of trajectories as one group
-    return check_groups(value, allow_empty=True)
-
 
 class Model(pydantic.BaseModel):
-    """A model that rollouts call and whose trajectories and metrics get logged."""
+    """A model that rollouts call and whose trajectories and metrics get logged.
+
+    Unknown keyword arguments are a ``TypeError`` naming the closest field (a typo never passes silently), and
+    OpenPipe ART's ``_internal_config`` is refused with, for each key, the setting that replaces it here.
+    """
 
     name: str
     project: str
@@ -119,10 +59,17 @@ class Model(pydantic.BaseModel):
     _reporters: dict[str, Reporter] | None = pydantic.PrivateAttr(default=None)
     _reporters_lock: threading.Lock = pydantic.PrivateAttr(default_factory=threading.Lock)
 
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls.model_config.get("extra") != "allow":
+            return known_fields(cls, data)
+        return data
+
     @pydantic.field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
-        return validate_name(value, "model name")
+        return validate_model_name(value)
 
     @pydantic.field_validator("project")
     @classmethod
@@ -197,15 +144,19 @@ class Model(pydantic.BaseModel):
         metrics: Mapping[str, float] | None = None,
         step: int | None = None,
     ) -> None:
-        """Write ``trajectories/{split}/{step:04d}.parquet``, append a ``history.jsonl`` line, and report it.
+        """Add the groups to ``trajectories/{split}/{step:04d}.parquet``, append a ``history.jsonl`` line, report it.
 
-        Computed metrics (reward mean, within-group reward std dev, exception rate, per-metric means, group
-        counts) are prefixed with the split; ``metrics`` you pass win over computed ones.
+        Logging a split and step that already has a file *appends* to it (the file is rewritten atomically with
+        the old rows first), never replaces it: validation logged in chunks, or train and val logged by separate
+        calls, keeps every row, and each step still has one file where ART's readers look for it. Each call adds
+        its own history line, whose computed metrics cover that call's groups. Computed metrics (reward mean,
+        within-group reward std dev, exception rate, per-metric means, group counts) are prefixed with the split;
+        ``metrics`` you pass win over computed ones.
         """
-        groups = None if trajectory_groups is None else _coerce_groups(trajectory_groups)
+        groups = None if trajectory_groups is None else coerce_groups(trajectory_groups)
         split = validate_split(split)
-        extra = _check_metrics(metrics)
-        step = await self.get_step() if step is None else _check_step(step)
+        extra = check_metrics(metrics)
+        step = await self.get_step() if step is None else check_step(step)
         if groups is None and not extra:
             warnings.warn("model.log() called with nothing to log", RuntimeWarning, stacklevel=2)
             return
@@ -229,9 +180,10 @@ class Model(pydantic.BaseModel):
     def _write_log(
         self, groups: list[TrajectoryGroup] | None, split: str, step: int, record: dict[str, Any]
     ) -> None:
-        from art_core.trajectory_parquet import write_trajectory_groups
+        from art_core.trajectory_parquet import append_trajectory_groups, clean_trajectory_dirs
 
         output = self._writable_dir(self.output_dir())
+        clean_trajectory_dirs(output / "trajectories")  # temp files of a log() that was killed
         history_path = output / "history.jsonl"
         try:  # open the history first: if it cannot be written, nothing else is
             fd = history.open_for_append(history_path)
@@ -240,7 +192,7 @@ class Model(pydantic.BaseModel):
         try:
             if groups is not None:
                 trajectories_dir = self._writable_dir(output / "trajectories" / split)
-                write_trajectory_groups(groups, trajectories_dir / f"{step:04d}.parquet")
+                append_trajectory_groups(groups, trajectories_dir / f"{step:04d}.parquet")
             history.append_line(fd, record)
         finally:
             os.close(fd)
