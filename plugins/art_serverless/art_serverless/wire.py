@@ -72,18 +72,24 @@ class _Record(pydantic.BaseModel):
 
 
 class ExperimentalConfig(_Body):
-    """Training options of one job; ``None`` means "the server's default"."""
+    """Training options of one job; ``None`` means "the server's default".
 
-    learning_rate: float | None = None
+    The bounds are those ``ServerlessBackend.train`` checks before sending, so a client that skips them gets a
+    422 naming the option rather than a job that trains on garbage.
+    """
+
+    learning_rate: float | None = pydantic.Field(default=None, gt=0.0, allow_inf_nan=False)
     ppo: bool | None = None
-    epsilon: float | None = None
-    epsilon_high: float | None = None
-    advantage_balance: float | None = None
+    epsilon: float | None = pydantic.Field(default=None, ge=0.0, allow_inf_nan=False)
+    epsilon_high: float | None = pydantic.Field(default=None, ge=0.0, allow_inf_nan=False)
+    advantage_balance: float | None = pydantic.Field(default=None, ge=-1.0, le=1.0, allow_inf_nan=False)
     scale_rewards: bool | None = None
     importance_sampling_level: ImportanceSamplingLevel | None = None
-    max_negative_advantage_importance_sampling_weight: float | None = None
+    max_negative_advantage_importance_sampling_weight: float | None = pydantic.Field(
+        default=None, gt=0.0, allow_inf_nan=False
+    )
     mask_prob_ratio: bool | None = None
-    kimi_k2_tau: float | None = None
+    kimi_k2_tau: float | None = pydantic.Field(default=None, allow_inf_nan=False)
     precalculate_logprobs: bool | None = None
 
     def options(self) -> dict[str, Any]:
@@ -155,7 +161,9 @@ class DeleteCheckpointsResult(_Record):
     not_found_steps: list[int] = pydantic.Field(default_factory=list)
 
 
-_STEP_SUFFIX = re.compile(r"^(?P<name>.+):step(?P<step>\d+)$")
+_STEP_SUFFIX = re.compile(r"^(?P<name>.+):step(?P<step>[0-9]+)$")
+# Steps are 64-bit integers; a longer suffix is not one (and int() of thousands of digits raises).
+MAX_STEP_DIGITS = 18
 
 
 def artifact_name(entity: str, project: str, name: str, step: int | None = None) -> str:
@@ -178,6 +186,11 @@ def parse_artifact_name(value: str) -> tuple[str, str, str, int | None]:
     step: int | None = None
     match = _STEP_SUFFIX.match(name)
     if match is not None:
+        if len(match["step"]) > MAX_STEP_DIGITS:
+            raise ValueError(
+                f"model {value[:120]!r}... names step {match['step'][:20]}... with {len(match['step'])} digits; "
+                f"a step has at most {MAX_STEP_DIGITS} (pass model.get_inference_name(step))"
+            )
         name, step = match["name"], int(match["step"])
     elif name.endswith(":latest"):
         name = name[: -len(":latest")]

@@ -86,9 +86,12 @@ class GuardMiddleware:
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         """The whole body, or None after answering 413 (checked against Content-Length first, then as it streams)."""
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(send, int(declared))
-            return None
+        if declared is not None and declared.isdigit():
+            # a length of more digits than any real body has is refused before int() has to parse it
+            size = int(declared) if len(declared) <= 18 else self.max_body_bytes + 1
+            if size > self.max_body_bytes:
+                await self._too_large(send, size)
+                return None
         chunks: list[bytes] = []
         size = 0
         while True:

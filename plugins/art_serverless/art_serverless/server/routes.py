@@ -5,36 +5,21 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import httpx
-import pydantic
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from art_core.model import validate_name
-from art_core.trajectories import TrajectoryGroup, check_groups
+from art_core.model_checks import validate_model_name, validate_name
 from art_serverless import wire
+from art_serverless.server.checks import parse_groups
 from art_serverless.server.host import train_options
 from art_serverless.server.proxy import ModelNames, forward_chat, models_list
-from art_serverless.server.state import ApiError, run_db, state_of, validation_message
+from art_serverless.server.state import ApiError, run_db, state_of
 
 router = APIRouter(prefix="/v1")
-
-
-def parse_groups(raw_groups: list[dict[str, Any]]) -> list[TrajectoryGroup]:
-    """Validate each group of a job body, naming the first bad one (ApiError 422)."""
-    if not raw_groups:
-        raise ApiError(422, "trajectory_groups is empty; send at least one group")
-    groups = []
-    for index, raw in enumerate(raw_groups):
-        try:
-            groups.append(TrajectoryGroup.model_validate(raw))
-        except pydantic.ValidationError as error:
-            raise ApiError(
-                422, f"trajectory_groups[{index}] is invalid: {validation_message(error.errors())}"
-            ) from None
-    try:
-        return check_groups(groups)
-    except (TypeError, ValueError) as error:
-        raise ApiError(422, str(error)) from None
+# Longest base_model accepted: a hub id or a server-side path (PATH_MAX on Linux).
+MAX_BASE_MODEL_LENGTH = 4096
+# Event ids are SQLite integers; a longer ``after`` cannot be one of ours.
+MAX_EVENT_ID_DIGITS = 18
 
 
 @router.post("/preview/models")
@@ -44,12 +29,18 @@ async def create_model(body: wire.CreateModelBody, request: Request) -> dict[str
     try:
         entity = validate_name(body.entity or state.config.default_entity, "entity")
         project = validate_name(body.project, "project name")
-        name = validate_name(body.name, "model name")
+        name = validate_model_name(body.name)
     except ValueError as error:
         raise ApiError(422, str(error)) from None
     if not body.base_model.strip():
         raise ApiError(
             422, "base_model is empty; name the model to start from (a hub id or a server-side path)"
+        )
+    if len(body.base_model) > MAX_BASE_MODEL_LENGTH or not body.base_model.isprintable():
+        raise ApiError(
+            422,
+            f"base_model {body.base_model[:80]!r}... is not a hub id or a path: it has {len(body.base_model)} "
+            f"characters (at most {MAX_BASE_MODEL_LENGTH}) or control characters",
         )
     row, _ = await run_db(
         state.store.create_model,
@@ -139,10 +130,10 @@ async def list_events(
     job_id: str, request: Request, after: str | None = None, limit: int = Query(100, ge=1, le=1000)
 ) -> dict[str, Any]:
     """A page of a job's events after ``after``, ascending."""
-    if after is not None and not after.isdigit():
+    if after is not None and not (after.isascii() and after.isdigit() and len(after) <= MAX_EVENT_ID_DIGITS):
         raise ApiError(
             422,
-            f"after={after!r} is not an event id from this server; pass the id of the last event seen",
+            f"after={after[:40]!r} is not an event id from this server; pass the id of the last event seen",
         )
     store = state_of(request).store
     events, has_more = await run_db(store.list_events, job_id, None if after is None else int(after), limit)
@@ -162,7 +153,8 @@ async def chat_completions(body: dict[str, Any], request: Request) -> Response:
     state = state_of(request)
     public = body.get("model")
     if not isinstance(public, str):
-        raise ApiError(422, "'model' is missing; pass model.get_inference_name() as the model")
+        got = "missing" if public is None else f"a {type(public).__name__}, not a string"
+        raise ApiError(422, f"'model' is {got}; pass model.get_inference_name() as the model")
     try:
         entity, project, name, step = wire.parse_artifact_name(public)
     except ValueError as error:
