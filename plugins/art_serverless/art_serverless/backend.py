@@ -174,6 +174,21 @@ class ServerlessBackend:
     def __repr__(self) -> str:
         return f"ServerlessBackend(base_url={self.base_url!r})"
 
+    async def fork_checkpoint(
+        self,
+        model: TrainableModel,
+        from_model: str,
+        from_project: str | None = None,
+        **options: Any,
+    ) -> int:
+        """Not supported by ServerlessBackend (the serverless API has no endpoint that copies a checkpoint between models); fork on LocalBackend instead."""
+        raise NotImplementedError(
+            f"ServerlessBackend cannot fork {from_project or model.project}/{from_model} into {model.name!r}: "
+            "the serverless API has no endpoint that copies a checkpoint between models. Fork with LocalBackend.fork_checkpoint, or start the new model from its base_model"
+        )
+
+    _experimental_fork_checkpoint = fork_checkpoint
+
     async def close(self) -> None:
         """Close the HTTP connections."""
         await self._api.aclose()

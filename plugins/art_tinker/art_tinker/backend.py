@@ -224,6 +224,21 @@ class TinkerBackend:
             state.save_record(state.record.keeping(keep))
         self._engine.forget_steps(model.name, sorted(keep))
 
+    async def fork_checkpoint(
+        self,
+        model: TrainableModel,
+        from_model: str,
+        from_project: str | None = None,
+        **options: Any,
+    ) -> int:
+        """Not supported by TinkerBackend (its checkpoints live on the Tinker service, which has no call to copy one into another run); fork on LocalBackend instead."""
+        raise NotImplementedError(
+            f"TinkerBackend cannot fork {from_project or model.project}/{from_model} into {model.name!r}: "
+            "its checkpoints live on the Tinker service, which has no call to copy one into another run. Fork with LocalBackend.fork_checkpoint, or start the new model from its base_model"
+        )
+
+    _experimental_fork_checkpoint = fork_checkpoint
+
     async def close(self) -> None:
         """Stop the inference server and finish the Tinker session."""
         server, self._server = self._server, None
