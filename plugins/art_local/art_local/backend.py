@@ -10,6 +10,7 @@ weights to the server. ``backend.train()`` never logs: call ``model.log(...)``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
     from art_local.distributed import DistributedConfig, WorkerGroup
     from art_local.inference.service import InferenceService
+    from art_local.inference.vllm_config import VLLMEngineConfig
     from art_local.training import TrainerConfig, TrainingComponents, TrainingState
 
 
@@ -106,7 +108,10 @@ class LocalBackend:
     full fine-tune —, ``lora_alpha``, ``lora_targets``, AdamW ``betas``/``eps``/``weight_decay``,
     ``max_grad_norm``, ``dtype``, ``max_sequence_length``, ``micro_batch_rows``, ``seed``). Per-call options go
     to ``train()``. ``allow_config_mismatch=True`` resumes from a checkpoint written with other settings.
-    ``engine``/``host``/``port``/``api_key`` configure the inference server.
+    ``engine``/``host``/``port``/``api_key`` configure the inference server: ``engine="auto"`` serves with
+    vLLM on a CUDA machine whose vLLM interpreter finds vllm, else with transformers; ``vllm`` (a
+    ``VLLMEngineConfig``) says how vLLM runs (interpreter, memory fraction, lengths, parallelism, LoRA limits,
+    extra flags, environment, sleep around ``train()``).
     ``train_devices`` (an int N or a ``DistributedConfig``) trains in N torchrun worker processes (DDP or FSDP,
     one per GPU, across nodes; see DISTRIBUTED.md) while this process serves; ``device`` is then the inference
     device only. None (the default) trains in this process.
@@ -124,8 +129,11 @@ class LocalBackend:
         port: int = 0,
         api_key: str | None = None,
         train_devices: int | DistributedConfig | None = None,
+        vllm: VLLMEngineConfig | None = None,
     ) -> None:
+        from art_local.inference.vllm_config import for_trainer
         from art_local.training import TrainerConfig
+        from art_local.training.state import resolve_device
 
         self._path = str(path)
         self._device = device
@@ -148,6 +156,7 @@ class LocalBackend:
             "host": host,
             "port": port,
             "api_key": api_key,
+            "vllm": for_trainer(vllm, trainer_on_cuda=resolve_device(device).type == "cuda"),
         }
         self._service: InferenceService | None = None
         self._slots: dict[str, _Slot] = {}
@@ -264,6 +273,11 @@ class LocalBackend:
                 # a resumed LoRA step: the vLLM engine serves it from its adapter directory
                 adapter_dir=latest if weights is not None and slot.is_lora and latest.is_dir() else None,
             )
+            if service.engine_kind == "vllm":
+                from art_local.inference.vllm import serve_kept_checkpoints
+
+                kept = _checkpoints_dir(model)
+                await serve_kept_checkpoints(service.engine, model.name, kept, slot.state.step)
             slot.served = True
         return service.base_url, service.api_key
 
@@ -391,24 +405,25 @@ class LocalBackend:
         model, components = slot.model, slot.components
         assert components is not None
         started = time.perf_counter()
-        outcome = await run_on(
-            slot.trainer,
-            train_on_groups,
-            components,
-            slot.tokenizer,
-            slot.state,
-            groups,
-            config,
-            options,
-            model_dir=model.output_dir(),
-            label=model.name,
-        )
-        slot.state = (
-            outcome.state
-        )  # the weights have moved: the step happened even if the checkpoint write fails
-        directory = _checkpoints_dir(model) / f"{outcome.state.step:04d}" if save else None
-        if directory is not None:
-            await run_on(slot.trainer, save_checkpoint, components, outcome.state, config, directory)
+        async with self._inference_asleep():
+            outcome = await run_on(
+                slot.trainer,
+                train_on_groups,
+                components,
+                slot.tokenizer,
+                slot.state,
+                groups,
+                config,
+                options,
+                model_dir=model.output_dir(),
+                label=model.name,
+            )
+            slot.state = (
+                outcome.state
+            )  # the weights have moved: the step happened even if the checkpoint write fails
+            directory = _checkpoints_dir(model) / f"{outcome.state.step:04d}" if save else None
+            if directory is not None:
+                await run_on(slot.trainer, save_checkpoint, components, outcome.state, config, directory)
         metrics = {**outcome.metrics, "time/step_trainer_s": time.perf_counter() - started}
         if slot.served and self._service is not None:
             await self._publish(slot, components, outcome.state.step, directory)
@@ -460,20 +475,21 @@ class LocalBackend:
                     "with train_devices and the vLLM engine, each step's adapter reaches vLLM through its "
                     "checkpoint; call train(..., save_checkpoint=True)"
                 )
-        outcome = await run_on(
-            slot.trainer,
-            train_remote,
-            workers,
-            slot.tokenizer,
-            slot.state,
-            groups,
-            config,
-            options,
-            model_dir=model.output_dir(),
-            checkpoint_dir=directory,
-            return_weights=publish,
-            label=model.name,
-        )
+        async with self._inference_asleep():
+            outcome = await run_on(
+                slot.trainer,
+                train_remote,
+                workers,
+                slot.tokenizer,
+                slot.state,
+                groups,
+                config,
+                options,
+                model_dir=model.output_dir(),
+                checkpoint_dir=directory,
+                return_weights=publish,
+                label=model.name,
+            )
         slot.state = outcome.state
         metrics = {**outcome.metrics, "time/step_trainer_s": time.perf_counter() - started}
         if publish and self._service is not None and outcome.weights is not None:
@@ -486,6 +502,16 @@ class LocalBackend:
             metrics=metrics,
             checkpoint_path=None if directory is None else str(directory),
         )
+
+    def _inference_asleep(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """vLLM sleeps around a train step when it shares the trainer's GPU (``VLLMEngineConfig``)."""
+        service = self._service
+        if service is None or service.engine_kind != "vllm":
+            return contextlib.nullcontext()
+        from art_local.inference.vllm import VLLMEngine
+
+        engine = service.engine
+        return engine.asleep() if isinstance(engine, VLLMEngine) else contextlib.nullcontext()
 
     def _slot(self, model: TrainableModel) -> _Slot:
         slot = self._slots.get(model.name)

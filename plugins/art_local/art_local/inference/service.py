@@ -7,7 +7,6 @@ after every ``train()``, ``forget_steps`` when checkpoints are deleted and ``clo
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -15,11 +14,12 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from art_local.inference.engine import Completion, SamplingParams, ServedModel
 from art_local.inference.server import DEFAULT_MAX_BODY_BYTES, InferenceServer, create_app
+from art_local.inference.vllm_config import EngineKind, VLLMEngineConfig, choose_engine
 
 if TYPE_CHECKING:
     import torch
 
-EngineKind = Literal["auto", "hf", "vllm"]
+__all__ = ["EngineKind", "HostedEngine", "InferenceService", "choose_engine"]
 
 
 class HostedEngine(Protocol):
@@ -53,27 +53,6 @@ class HostedEngine(Protocol):
     async def close(self) -> None: ...
 
 
-def vllm_available() -> bool:
-    """True when CUDA is present and the ``vllm`` package is installed (without importing it)."""
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
-
-
-def choose_engine(kind: EngineKind) -> Literal["hf", "vllm"]:
-    """``auto`` → vLLM when CUDA and vllm are present, else transformers."""
-    if kind == "auto":
-        return "vllm" if vllm_available() else "hf"
-    if kind == "vllm" and not vllm_available():
-        raise RuntimeError(
-            "engine='vllm' needs a CUDA GPU and the vllm package (pip install 'art-local[vllm]'); "
-            "use engine='hf' on this machine"
-        )
-    if kind not in ("hf", "vllm"):
-        raise ValueError(f"engine={kind!r} is unknown; use 'auto', 'hf' or 'vllm'")
-    return kind
-
-
 class InferenceService:
     """Engines + the OpenAI-compatible HTTP server for every model of one LocalBackend."""
 
@@ -89,10 +68,12 @@ class InferenceService:
         cpu_threads: int | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         start_timeout_s: float = 600.0,
+        vllm: VLLMEngineConfig | None = None,
     ) -> None:
         self._device = None if device is None else str(device)
         self._host, self._port = host, port
-        self._engine_kind = choose_engine(engine)
+        self._vllm = vllm if vllm is not None else VLLMEngineConfig(start_timeout_s=start_timeout_s)
+        self._engine_kind = choose_engine(engine, self._vllm)
         self._api_key = api_key or secrets.token_urlsafe(32)
         self._batch_window_s = batch_window_s
         self._cpu_threads = cpu_threads
@@ -128,9 +109,9 @@ class InferenceService:
 
     def _make_engine(self) -> HostedEngine:
         if self._engine_kind == "vllm":
-            from art_local.inference.vllm import VLLMEngine, VLLMEngineConfig
+            from art_local.inference.vllm import VLLMEngine
 
-            return VLLMEngine(VLLMEngineConfig(start_timeout_s=self._start_timeout_s))
+            return VLLMEngine(self._vllm)
         from art_local.inference.hf import HFEngine, HFEngineConfig
 
         return HFEngine(

@@ -1,11 +1,12 @@
-"""The vLLM engine (GPU, extra ``art-local[vllm]``): vLLM's own OpenAI server as a subprocess, behind ours.
+"""The vLLM engine: vLLM's own OpenAI server as a subprocess (``vllm_process``), behind ours.
 
 vLLM runs ``python -m vllm.entrypoints.openai.api_server`` with LoRA enabled, runtime adapter loading
 (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``) and ``--return-tokens-as-token-ids``; its logprobs are the raw
-(untempered) model logprobs (``--logprobs-mode raw_logprobs``, vLLM ≥ 0.10.2), like the transformers engine.
+(untempered) model logprobs (``--logprobs-mode raw_logprobs``, vLLM >= 0.10.2), like the transformers engine.
 Each published step's peft adapter is hot-loaded as the LoRA ``{name}@{step}``; the base weights are served as
 ``{name}@{step}`` for a step without an adapter (step 0). Our server stays in front (chat template, tool-call
-parsing, auth, ``name`` → latest), and sends vLLM token-id prompts through ``/v1/completions``.
+parsing, auth, ``name`` -> latest), and sends vLLM token-id prompts through ``/v1/completions``.
+``LocalBackend(engine="vllm", vllm=VLLMEngineConfig(...))`` configures it (``vllm_config``).
 
 This module never imports ``vllm``: it only launches it, so importing art_local stays light.
 """
@@ -14,20 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
-
-import httpx
 
 from art_local.inference.engine import (
     Completion,
@@ -37,55 +30,31 @@ from art_local.inference.engine import (
     UnknownModelError,
     split_step_name,
 )
+from art_local.inference.vllm_config import VLLMEngineConfig
+from art_local.inference.vllm_process import (
+    BASE_ALIAS,
+    VLLMExitedError,
+    VLLMProcess,
+    free_port,
+    vllm_command,
+)
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
-BASE_ALIAS = "art-base"  # vLLM's served name for the base weights
-
-
-@dataclass(frozen=True)
-class VLLMEngineConfig:
-    """How the vLLM subprocess is launched."""
-
-    start_timeout_s: float = 600.0
-    request_timeout_s: float = 3600.0
-    gpu_memory_utilization: float = 0.85
-    max_loras: int = 4
-    max_lora_rank: int = 64
-    max_model_len: int | None = None
-    python: str = sys.executable
-    extra_args: tuple[str, ...] = ()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def vllm_command(config: VLLMEngineConfig, base_model: str, port: int, api_key: str) -> list[str]:
-    """The command line of vLLM's OpenAI server for ``base_model``."""
-    command = [
-        config.python, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", base_model,
-        "--served-model-name", BASE_ALIAS,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--api-key", api_key,
-        "--enable-lora",
-        "--max-loras", str(config.max_loras),
-        "--max-lora-rank", str(config.max_lora_rank),
-        "--return-tokens-as-token-ids",
-        "--logprobs-mode", "raw_logprobs",
-        "--max-logprobs", "20",
-        "--gpu-memory-utilization", str(config.gpu_memory_utilization),
-    ]  # fmt: skip
-    if config.max_model_len is not None:
-        command += ["--max-model-len", str(config.max_model_len)]
-    return command + list(config.extra_args)
+__all__ = [
+    "BASE_ALIAS",
+    "VLLMEngine",
+    "VLLMEngineConfig",
+    "VLLMExitedError",
+    "VLLMProcess",
+    "completion_request",
+    "free_port",
+    "parse_completion",
+    "serve_kept_checkpoints",
+    "vllm_command",
+]
 
 
 def completion_request(model: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> dict[str, Any]:
@@ -142,78 +111,6 @@ class _Served:
     vllm_names: dict[int, str] = field(default_factory=dict)  # step -> vLLM model name
 
 
-class VLLMProcess:
-    """The vLLM server subprocess: start with a readiness timeout, log capture, and a clean stop."""
-
-    def __init__(self, config: VLLMEngineConfig, base_model: str) -> None:
-        self.config, self.base_model = config, base_model
-        self.api_key = os.urandom(24).hex()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = tempfile.NamedTemporaryFile(prefix="art-vllm-", suffix=".log", delete=False)
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last lines vLLM printed."""
-        text = Path(self._log.name).read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    async def start(self) -> None:
-        """Launch vLLM and wait for ``/health``; on failure the error carries vLLM's own output."""
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-        command = vllm_command(self.config, self.base_model, self.port, self.api_key)
-        self._process = subprocess.Popen(  # noqa: ASYNC220  # returns at once; we poll /health below
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        deadline = time.monotonic() + self.config.start_timeout_s
-        async with httpx.AsyncClient(timeout=5.0) as client:
-            while time.monotonic() < deadline:
-                if self._process.poll() is not None:
-                    message = (
-                        f"vLLM exited with code {self._process.returncode} while starting:\n{self.log_tail()}"
-                    )
-                    await self.stop()
-                    raise RuntimeError(message)
-                try:
-                    if (await client.get(f"{self.url}/health")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(1.0)
-        message = (
-            f"vLLM did not answer /health within {self.config.start_timeout_s:.0f} s:\n{self.log_tail()}"
-        )
-        await self.stop()
-        raise RuntimeError(message)
-
-    async def post(self, path: str, body: Mapping[str, Any], timeout_s: float = 120.0) -> Any:
-        """POST to vLLM; a non-2xx answer raises with vLLM's error text."""
-        if self._process is not None and self._process.poll() is not None:
-            raise RuntimeError(f"vLLM has exited (code {self._process.returncode}):\n{self.log_tail()}")
-        headers = {"Authorization": f"Bearer {self.api_key}"}
-        async with httpx.AsyncClient(timeout=timeout_s) as client:
-            response = await client.post(f"{self.url}{path}", json=dict(body), headers=headers)
-        if response.status_code >= 400:
-            raise RuntimeError(f"vLLM {path} answered {response.status_code}: {response.text[:2000]}")
-        return response.json() if response.content.strip().startswith(b"{") else response.text
-
-    async def stop(self) -> None:
-        """SIGTERM vLLM's process group (its engine workers too), SIGKILL after 30 s; remove the log."""
-        process, self._process = self._process, None
-        if process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                await asyncio.to_thread(process.wait, 30.0)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                await asyncio.to_thread(process.wait, 10.0)
-        self._log.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._log.name)
-
-
 class VLLMEngine:
     """Serves ``name`` and ``name@step`` through a vLLM subprocess, one LoRA adapter per published step."""
 
@@ -261,6 +158,7 @@ class VLLMEngine:
             context = self.config.max_model_len or int(getattr(model_config, "max_position_embeddings", 2048))
             with self._lock:
                 self._served[name] = _Served(str(base_model), tokenizer, context, int(time.time()), step)
+                self._served[name].vllm_names[0] = BASE_ALIAS  # step 0 is the base weights, always at hand
         if weights is None:
             with self._lock:
                 self._served[name].vllm_names[step] = BASE_ALIAS
@@ -282,13 +180,24 @@ class VLLMEngine:
                 f"publishing step {step} of {name!r} to vLLM needs the step's peft adapter directory; train with "
                 "LoRA and save_checkpoint=True, or use engine='hf'"
             )
-        process = self._require_process()
-        lora_name = f"{name}@{step}"
-        await process.post("/v1/load_lora_adapter", {"lora_name": lora_name, "lora_path": str(adapter_dir)})
+        await self._load_adapter(name, step, adapter_dir)
         with self._lock:
-            served = self._served[name]
-            served.vllm_names[step] = lora_name
-            served.latest = step
+            self._served[name].latest = step
+
+    async def serve_kept_steps(self, name: str, adapters: Mapping[int, Path]) -> None:
+        """Serve older kept steps again (after a restart) as ``{name}@{step}``; the latest stays as it is."""
+        for step, adapter_dir in sorted(adapters.items()):
+            await self._load_adapter(name, step, adapter_dir)
+
+    async def _load_adapter(self, name: str, step: int, adapter_dir: Path) -> None:
+        lora_name = f"{name}@{step}"
+        with self._lock:
+            if self._served[name].vllm_names.get(step) == lora_name:
+                return  # already loaded (vLLM answers 400 to a second load)
+        body = {"lora_name": lora_name, "lora_path": str(adapter_dir)}
+        await self._require_process().post("/v1/load_lora_adapter", body, timeout_s=600.0)
+        with self._lock:
+            self._served[name].vllm_names[step] = lora_name
 
     async def forget_steps(self, name: str, keep: Collection[int]) -> None:
         """Unload the adapters of steps not in ``keep`` (never the latest)."""
@@ -337,14 +246,44 @@ class VLLMEngine:
         if vllm_name is None:
             raise UnknownModelError(model, [m.name for m in self.served_models()])
         body = completion_request(vllm_name, prompt_token_ids, params)
-        answer = await self._require_process().post(
-            "/v1/completions", body, timeout_s=self.config.request_timeout_s
-        )
+        answer = await self._require_process().post("/v1/completions", body)
         choices = sorted(cast(list[dict[str, Any]], answer["choices"]), key=lambda c: int(c["index"]))
         return [parse_completion(c, params.top_logprobs) for c in choices]
+
+    @property
+    def process(self) -> VLLMProcess:
+        """The running vLLM server (after the first ``add_model``)."""
+        return self._require_process()
+
+    @contextlib.asynccontextmanager
+    async def asleep(self) -> AsyncIterator[None]:
+        """vLLM sleeps (level 1) inside the block when ``sleep_during_train`` is set, and wakes after it."""
+        process = self._process
+        if process is None or not process.sleeps:
+            yield
+            return
+        await process.sleep()
+        try:
+            yield
+        finally:
+            await process.wake_up()
 
     async def close(self) -> None:
         """Stop the vLLM subprocess."""
         process, self._process = self._process, None
         if process is not None:
             await process.stop()
+
+
+async def serve_kept_checkpoints(engine: object, name: str, checkpoints: Path, latest: int) -> None:
+    """After a restart: serve every kept LoRA checkpoint older than ``latest`` again as ``{name}@{step}``."""
+    from art_local.training import checkpoint_steps
+
+    if not isinstance(engine, VLLMEngine):
+        return
+    adapters = {
+        step: checkpoints / f"{step:04d}"
+        for step in checkpoint_steps(checkpoints)
+        if 0 < step < latest and (checkpoints / f"{step:04d}" / "adapter_config.json").is_file()
+    }
+    await engine.serve_kept_steps(name, adapters)
