@@ -172,6 +172,18 @@ def check_base_model(base_model: str | Path) -> str:
     return text
 
 
+def attention_implementation(base_model: str | Path) -> str:
+    """``sdpa`` where the architecture supports it (packed rows need a custom 4D mask), else ``eager``.
+
+    Gemma 2, for one, has no sdpa path in transformers: forcing it fails at load, eager serves it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(base_model))
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return "sdpa" if model_class is None or getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
 def build_components(
     base_model: str | Path,
     config: TrainerConfig,
@@ -187,7 +199,8 @@ def build_components(
     compute_dtype = resolve_dtype(config.dtype, target_device)
     # Trainable weights stay fp32 (master weights); lower precision only through autocast in the forward.
     load_dtype = compute_dtype if config.lora_rank is not None else torch.float32
-    model: Any = AutoModelForCausalLM.from_pretrained(name, dtype=load_dtype, attn_implementation="sdpa")
+    attention = attention_implementation(name)
+    model: Any = AutoModelForCausalLM.from_pretrained(name, dtype=load_dtype, attn_implementation=attention)
     model.to(target_device)
     model.config.use_cache = False
     torch.manual_seed(config.seed)
@@ -239,4 +252,3 @@ def make_optimizer(
         weight_decay=config.weight_decay,
         fused=fused or None,
     )
-

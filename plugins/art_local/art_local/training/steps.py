@@ -12,7 +12,12 @@ import torch
 from art_local.training.batch import TrainBatch
 from art_local.training.logprobs import logprobs_and_entropy, predicted_positions_BT
 from art_local.training.loss import LossConfig, policy_loss
-from art_local.training.state import TrainerConfig, TrainingComponents, TrainingState
+from art_local.training.state import (
+    TrainerConfig,
+    TrainingComponents,
+    TrainingState,
+    attention_implementation,
+)
 
 CustomLossFn = Callable[[torch.Tensor, TrainBatch], tuple[torch.Tensor, dict[str, float]]]
 LogprobsFn = Callable[[TrainBatch], tuple[torch.Tensor, torch.Tensor]]
@@ -29,7 +34,9 @@ def reference_model(components: TrainingComponents) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
         frozen: Any = AutoModelForCausalLM.from_pretrained(
-            components.base_model, dtype=components.compute_dtype, attn_implementation="sdpa"
+            components.base_model,
+            dtype=components.compute_dtype,
+            attn_implementation=attention_implementation(components.base_model),
         )
         frozen.to(components.device).eval().requires_grad_(False)
         components.reference_model = frozen
