@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from collections import Counter
@@ -32,8 +33,8 @@ class LoadPlan:
 
     requests: int = 2000
     waves: tuple[int, ...] = DEFAULT_WAVES  # requests in flight per wave; the requests are split evenly
-    max_tokens: tuple[int, int] = (1, 64)
-    n: tuple[int, int] = (1, 8)
+    max_tokens: tuple[int, int] = (1, 64)  # drawn log-uniformly: mostly short, some long
+    n: tuple[int, ...] = (1, 1, 1, 2, 4, 8)  # drawn uniformly from this list
     temperatures: tuple[float, ...] = (0.0, 1.0)
     prompt_words: tuple[int, int] = (1, 200)
     stop_fraction: float = 0.2  # requests that send stop strings
@@ -45,6 +46,10 @@ class LoadPlan:
     def __post_init__(self) -> None:
         if self.requests < 1 or not self.waves or min(self.waves) < 1:
             raise ValueError(f"requests={self.requests}, waves={self.waves}: need at least one of each")
+        if self.requests < sum(self.waves):
+            raise ValueError(
+                f"requests={self.requests} cannot fill waves {self.waves}: give at least {sum(self.waves)}"
+            )
         if not 0 <= self.cancel_fraction < 1:
             raise ValueError(f"cancel_fraction={self.cancel_fraction}: give a fraction in [0, 1)")
 
@@ -110,9 +115,9 @@ def _requests(plan: LoadPlan, models: Sequence[str]) -> list[_Request]:
         body: dict[str, Any] = {
             "model": models[i % len(models)],
             "messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=words))}],
-            "max_tokens": rng.randint(*plan.max_tokens),
+            "max_tokens": round(math.exp(rng.uniform(*(math.log(t) for t in plan.max_tokens)))),
             "temperature": rng.choice(plan.temperatures),
-            "n": rng.randint(*plan.n),
+            "n": rng.choice(plan.n),
             "logprobs": rng.random() < 0.5,
         }
         if rng.random() < plan.stop_fraction:
@@ -185,14 +190,18 @@ async def run_load(
         raise ValueError("models is empty; pass the served names to spread the requests over")
     report = LoadReport()
     requests = _requests(plan, models)
-    per_wave = -(-len(requests) // len(plan.waves))
+    extra = (len(requests) - sum(plan.waves)) // len(plan.waves)  # each wave can hold its concurrency
+    bounds = [0]
+    for concurrency in plan.waves:
+        bounds.append(bounds[-1] + concurrency + extra)
+    bounds[-1] = len(requests)
     limits = httpx.Limits(max_connections=max(plan.waves) + 8, max_keepalive_connections=max(plan.waves) + 8)
     headers = {"Authorization": f"Bearer {api_key}"}
     started = time.monotonic()
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=plan.request_timeout_s) as client:
         runner = _Runner(client, f"{base_url.rstrip('/')}/chat/completions", report)
         for index, concurrency in enumerate(plan.waves):
-            chunk = requests[index * per_wave : (index + 1) * per_wave]
+            chunk = requests[bounds[index] : bounds[index + 1]]
             await _wave(runner, chunk, concurrency, plan.request_timeout_s)
             probe = {
                 "model": probe_model or models[0],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -11,6 +12,7 @@ from typing import Any, cast
 import pytest
 
 import art_core as art
+from art_core.backend import COMMON_TRAIN_DEFAULTS
 from art_core.migration import train_options
 from art_core.testing.kit import Kit, violation
 from art_core.testing.quick import (
@@ -38,7 +40,9 @@ def metric_problems(metrics: dict[str, Any]) -> list[str]:
     problems = [f"{key} is missing" for key in REQUIRED_METRIC_KEYS if key not in metrics]
     for key, value in metrics.items():
         if not isinstance(value, float):
-            problems.append(f"{key} = {value!r} is a {type(value).__name__}, not a float (use float(...))")
+            problems.append(
+                f"{key} = {value!r} is {type(value).__name__}, not float (return float({value!r}))"
+            )
         elif not math.isfinite(value):
             problems.append(f"{key} = {value!r} is not finite")
     return problems
@@ -84,7 +88,7 @@ class TrainingChecks(SuiteBase):
         for name in [*unsupported_options(type(kit.backend).train), "definitely_not_an_option"]:
             expect_refusal(
                 kit,
-                lambda: kit.backend.train(model, [], **{name: True}),
+                functools.partial(kit.backend.train, model, [], **{name: True}),
                 TypeError,
                 re.escape(name),
                 f"train(model, [], {name}=True) was accepted",
@@ -97,28 +101,34 @@ class TrainingChecks(SuiteBase):
         """ART's ``model.train(groups, _config=...)`` maps keys onto train() options; a missing one is a TypeError."""
         model = kit.registered_model()
         options, _ = train_options(kit.backend.train)
-        lacking = [key for key in art.dev.TrainConfig.__annotations__ if key not in options]
+        lacking = [
+            key
+            for key in art.dev.TrainConfig.__annotations__
+            if key not in options and key not in COMMON_TRAIN_DEFAULTS
+        ]
         rule = "model.train(groups, _config={key: ...}) with a key train() lacks is a TypeError listing its options"
         if not lacking:
             pytest.skip("train() declares every key of art.dev.TrainConfig")
         dev_config = cast("art.dev.TrainConfig", {lacking[0]: True})
 
-        async def old_style_call() -> tuple[str | None, list[str]]:
+        async def old_style_call() -> tuple[Exception | None, list[str]]:
             with warnings.catch_warnings(record=True) as caught:  # on the loop's thread, where it is raised
                 warnings.simplefilter("always")
                 try:
                     await model.train([], _config=dev_config)
-                except TypeError as error:
-                    message: str | None = str(error)
+                except Exception as error:
+                    raised: Exception | None = error
                 else:
-                    message = None
-            return message, [str(w.message) for w in caught if w.category is DeprecationWarning]
+                    raised = None
+            return raised, [str(w.message) for w in caught if w.category is DeprecationWarning]
 
-        message, deprecations = kit.run(old_style_call(), self.failure_timeout_s)
-        if message is None:
-            violation(f"model.train([], _config={{{lacking[0]!r}: True}}) was accepted silently", rule)
-        if f"has no option {lacking[0]} (from _config); its options are: " not in message:
-            violation(f"the TypeError says {message!r}", rule)
+        raised, deprecations = kit.run(old_style_call(), self.failure_timeout_s)
+        call = f"model.train([], _config={{{lacking[0]!r}: True}})"
+        if not isinstance(raised, TypeError):
+            went_on = "returned" if raised is None else f"went on into train(), which raised {raised!r}"
+            violation(f"{call} was accepted silently: it {went_on}", rule)
+        if f"has no option {lacking[0]} (from _config); its options are: " not in str(raised):
+            violation(f"{call}: the TypeError says {str(raised)!r}", rule)
         if not any("backend.train(model, " in text for text in deprecations):
             violation(f"no DeprecationWarning pointing at backend.train: {deprecations}", rule)
         if kit.run(model.get_step()) != 0 or (model.output_dir() / "history.jsonl").exists():
@@ -129,7 +139,9 @@ class TrainingChecks(SuiteBase):
         before = kit.run(model.get_step())
         result = kit.train(model, kit.groups(model))
         returned = result_type(type(kit.backend).train)
-        if returned is None or not isinstance(result, returned):
+        if not (isinstance(returned, type) and issubclass(returned, art.TrainResult)):
+            returned = art.TrainResult
+        if not isinstance(result, returned):
             violation(
                 f"train() returned a {type(result).__name__}", "train() returns its declared result type"
             )
