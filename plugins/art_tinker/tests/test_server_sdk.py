@@ -132,7 +132,7 @@ def test_user_errors_fail_fast_with_their_reason(
         service.create_lora_training_client(base_model="/no/such/model").result(timeout=60)
     client = service.create_lora_training_client(base_model=tiny_model, rank=2).result(timeout=120)
     datum = _sft_datum(client.get_tokenizer())
-    with pytest.raises(tinker.RequestFailedError, match="'gspo' is not supported"):
+    with pytest.raises(tinker.BadRequestError, match="'gspo' is not supported"):  # 400 at submission
         client.forward_backward([datum], "gspo").result(timeout=60)
     shifted_wrong = types.Datum(
         model_input=types.ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={"target_tokens": [9, 9, 9]}

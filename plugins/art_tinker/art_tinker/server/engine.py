@@ -52,6 +52,15 @@ class ForwardBackwardResult:
     metrics: Mapping[str, float]
 
 
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a base model accepts, read from its config: requests beyond these are refused before any work."""
+
+    vocab_size: int  # token ids lie in [0, vocab_size)
+    context_length: int  # tokens of one sequence (max_position_embeddings)
+    hidden_size: int  # the LoRA rank cannot usefully exceed it
+
+
 class TrainerHandle(Protocol):
     """An engine's live training model (weights, optimizer, accumulated gradients)."""
 
@@ -65,6 +74,10 @@ class Engine(Protocol):
 
     def eos_token_ids(self, base_model: str) -> tuple[int, ...]:
         """The token ids that end a sample when the request gives no ``stop``."""
+        ...
+
+    def limits(self, base_model: str) -> ModelLimits:
+        """Vocabulary, context and width of ``base_model`` (fast: its config only)."""
         ...
 
     def create(self, base_model: str, lora: LoraSpec) -> TrainerHandle:

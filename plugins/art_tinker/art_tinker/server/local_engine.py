@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from art_tinker.server import batching, sampler
-from art_tinker.server.engine import AdamSpec, ForwardBackwardResult, SampleSpec, TrainerHandle
+from art_tinker.server.engine import AdamSpec, ForwardBackwardResult, ModelLimits, SampleSpec, TrainerHandle
 from art_tinker.server.errors import UserError
 from art_tinker.server.losses import LOSSES, check_inputs, check_loss
 from art_tinker.server.store import LoraSpec
@@ -56,6 +56,7 @@ class LocalEngine:
     def __init__(self, *, device: str | None = None, sampler_cache_size: int = 2) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+        self._limits: dict[str, ModelLimits] = {}
         self._samplers: OrderedDict[tuple[str, str | None], PreTrainedModel] = OrderedDict()
         self._sampler_cache_size = sampler_cache_size
 
@@ -87,6 +88,19 @@ class LocalEngine:
     def eos_token_ids(self, base_model: str) -> tuple[int, ...]:
         tokenizer = self.tokenizer(base_model)
         return () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
+
+    def limits(self, base_model: str) -> ModelLimits:
+        if base_model not in self._limits:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(base_model)
+            text_config = getattr(config, "text_config", None) or config
+            self._limits[base_model] = ModelLimits(
+                vocab_size=int(text_config.vocab_size),
+                context_length=int(getattr(text_config, "max_position_embeddings", 2048)),
+                hidden_size=int(text_config.hidden_size),
+            )
+        return self._limits[base_model]
 
     # -- training -------------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ caller's, folded into ``weights``/``advantages`` (that is how ``TinkerBackend`` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -50,8 +51,8 @@ def check_loss(loss_fn: str, config: Config) -> None:
             f"loss_fn_config keys {sorted(unknown)} do not apply to {loss_fn!r} (it reads: {allowed})"
         )
     for key, value in config.items():
-        if not isinstance(value, float | int):
-            raise UserError(f"loss_fn_config[{key!r}]={value!r} must be a number")
+        if not isinstance(value, float | int) or not math.isfinite(value):
+            raise UserError(f"loss_fn_config[{key!r}]={value!r} must be a finite number")
 
 
 def check_inputs(loss_fn: str, index: int, names: set[str]) -> None:

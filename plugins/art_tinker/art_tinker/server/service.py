@@ -23,10 +23,11 @@ from typing import Any, TypeVar
 
 from tinker import types
 
-from art_tinker.server.checks import check_optimizer, check_sample_request, sample_spec
+from art_tinker.server.checks import check_data, check_optimizer, check_sample_request, lora_spec, sample_spec
 from art_tinker.server.engine import AdamSpec, Engine, TrainerHandle
 from art_tinker.server.errors import Gone, NotFound, UserError
 from art_tinker.server.futures import Failure, FutureTable, JsonResult, Outcome, ProtoResult, SeqGate
+from art_tinker.server.losses import check_loss
 from art_tinker.server.store import (
     CheckpointRef,
     CheckpointStore,
@@ -191,16 +192,9 @@ class TinkerService:
         existing = self.models.get(f"{session.session_id}:train:{request.model_seq_id}")
         if existing is not None:
             return {"request_id": existing.create_request_id, "model_id": existing.run.model_id}
-        lora = request.lora_config
-        if lora is None:
-            raise UserError("create_model needs a lora_config; this server trains LoRA adapters only")
-        if lora.rank < 1 or not (lora.train_mlp or lora.train_attn or lora.train_unembed):
-            raise UserError(
-                f"lora_config {lora!r} needs rank >= 1 and one of train_mlp/train_attn/train_unembed"
-            )
         check_optimizer(request.optimizer_config)
         self.engine.resolve_base_model(request.base_model)
-        spec = LoraSpec(lora.rank, lora.seed, lora.train_mlp, lora.train_attn, lora.train_unembed)
+        spec = lora_spec(request.lora_config, self.engine.limits(request.base_model))
         model = self._new_model(session, request.model_seq_id, request.base_model, spec)
 
         async def create() -> Outcome:
@@ -229,10 +223,10 @@ class TinkerService:
 
     def forward_backward(self, call: ForwardBackwardCall) -> dict[str, Any]:
         model = self.model(call.model_id)
+        check_loss(call.loss_fn, call.loss_fn_config)
+        check_data(call.data, self.engine.limits(model.run.base_model))
 
         async def run() -> Outcome:
-            if not call.data:
-                raise UserError("forward_backward got no data")
             result = await self.compute(
                 self.engine.forward_backward,
                 self._handle(model),
