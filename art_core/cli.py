@@ -26,8 +26,8 @@ def cli() -> None:
     "--check", is_flag=True, help="Run the conformance kit's quick (no-training) checks on each backend."
 )
 def backends(check: bool) -> None:
-    """List installed backends and metric reporters, with their distributions and versions."""
-    from art_core.plugins import list_backends, list_reporters
+    """List installed backends and metric reporters, with their distributions and versions, and broken plugins."""
+    from art_core.plugins import list_backends, list_reporters, plugin_failures
 
     rows = [
         ("backend", e.name, e.distribution or "-", e.version or "-", e.class_path) for e in list_backends()
@@ -35,11 +35,17 @@ def backends(check: bool) -> None:
     rows += [
         ("reporter", e.name, e.distribution or "-", e.version or "-", e.class_path) for e in list_reporters()
     ]
+    failures = plugin_failures()
+    rows += [
+        ("broken" if f.broken else "warning", f.name, f.distribution or "-", "-", f"{f.error}. Fix: {f.fix}")
+        for f in failures
+    ]
     click.echo(format_table(("kind", "name", "distribution", "version", "class"), rows))
     if check:
         from art_core.testing.quick import run_quick_checks
 
         results = run_quick_checks()
+        results += [(f.name, "plugin loads", "fail", f.error) for f in failures if f.broken]
         click.echo()
         click.echo(format_table(("backend", "check", "result", "detail"), results))
         if any(row[2] != "pass" for row in results):

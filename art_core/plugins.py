@@ -1,12 +1,15 @@
 """Plugin discovery: one pluggy ``PluginManager("art")`` fed by the ``art`` entry-point group, loaded lazily.
 
 ``ART_LOAD_PLUGINS=a,b`` restricts which entry points load (by entry-point or distribution name; empty loads
-none). Pluggy's results are untyped, so typed code imports backend classes directly; discovery serves tooling,
+none). A broken plugin (an import error, a misspelled hook, a hook that raises) is skipped with a warning that
+names it, its distribution and the fix; the others and every ``art`` command keep working, and
+``plugin_failures()`` (``art backends``) lists it. Pluggy's results are untyped, so typed code imports backend classes directly; discovery serves tooling,
 config-driven code and the conformance runner.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import os
 import threading
@@ -44,14 +47,103 @@ class PluginEntry:
 
 @dataclass(frozen=True)
 class PluginFailure:
-    """An entry point that could not be imported (the rest of the plugins still load)."""
+    """A plugin that could not be used, or a problem in one: the rest of the plugins still load.
+
+    ``broken`` plugins were skipped entirely (an import error, an unknown hook, a hook that raised); the others
+    loaded with a warning (a function that looks like a hook but lacks ``@hookimpl``).
+    """
 
     name: str
     distribution: str | None
     error: str
+    fix: str
+    broken: bool = True
+
+    def message(self) -> str:
+        state = "is broken and was skipped" if self.broken else "loaded with a problem"
+        return f"art plugin {self.name!r} (distribution {self.distribution or 'unknown'}) {state}: {self.error}. Fix: {self.fix}"
 
 
 _failures: list[PluginFailure] = []
+# plugin name -> (distribution, version) of the entry points loaded
+_distributions: dict[str, tuple[str | None, str | None]] = {}
+HOOK_NAMES = sorted(name for name in vars(hookspecs) if name.startswith("art_"))
+
+
+def _report(failure: PluginFailure) -> None:
+    _failures.append(failure)
+    warnings.warn(failure.message(), RuntimeWarning, stacklevel=3)
+
+
+def _hook_fix(name: str, module: str) -> str:
+    close = difflib.get_close_matches(name, HOOK_NAMES, n=1)
+    if close:
+        return f"rename {name} to {close[0]} in {module}"
+    return f"remove {name} from {module}, or implement one of the hooks {', '.join(HOOK_NAMES)}"
+
+
+def hook_problems(
+    manager: pluggy.PluginManager, plugin: object, name: str, dist: str | None
+) -> list[PluginFailure]:
+    """Unknown hook names (broken) and ``art_*`` functions without ``@hookimpl`` (a warning) of one plugin."""
+    module = getattr(plugin, "__name__", type(plugin).__name__)
+    problems = []
+    for caller in manager.get_hookcallers(plugin) or []:
+        if caller.spec is None:
+            problems.append(
+                PluginFailure(
+                    name, dist, f"{caller.name} is not a hook art knows", _hook_fix(caller.name, module)
+                )
+            )
+    for attribute in dir(plugin):
+        if not attribute.startswith("art_") or not callable(getattr(plugin, attribute, None)):
+            continue
+        if manager.parse_hookimpl_opts(plugin, attribute) is None:
+            fix = f"decorate {module}.{attribute} with @art_core.hookimpl"
+            if attribute not in HOOK_NAMES:
+                fix += f" and {_hook_fix(attribute, module)}"
+            problems.append(
+                PluginFailure(
+                    name, dist, f"{attribute} looks like a hook but lacks @hookimpl", fix, broken=False
+                )
+            )
+    return problems
+
+
+def _load_entry_point(manager: pluggy.PluginManager, entry_point: importlib.metadata.EntryPoint) -> None:
+    dist = entry_point.dist.name if entry_point.dist is not None else None
+    version = entry_point.dist.version if entry_point.dist is not None else None
+    if manager.get_plugin(entry_point.name) is not None or manager.is_blocked(entry_point.name):
+        return
+    try:
+        plugin = entry_point.load()
+    except Exception as error:  # one broken plugin must not take the others down; it is reported instead
+        fix = f"reinstall or upgrade {dist or entry_point.value}, or uninstall it; ART_LOAD_PLUGINS=<other names> skips it"
+        _report(
+            PluginFailure(
+                entry_point.name,
+                dist,
+                f"importing {entry_point.value} failed: {type(error).__name__}: {error}",
+                fix,
+            )
+        )
+        return
+    try:
+        manager.register(plugin, name=entry_point.name)
+    except pluggy.PluginValidationError as error:
+        _report(
+            PluginFailure(
+                entry_point.name, dist, str(error), f"fix the hook's arguments in {entry_point.value}"
+            )
+        )
+        return
+    problems = hook_problems(manager, plugin, entry_point.name, dist)
+    for problem in problems:
+        _report(problem)
+    if any(problem.broken for problem in problems):
+        manager.unregister(plugin)
+        return
+    _distributions[entry_point.name] = (dist, version)
 
 
 def _load_entry_points(manager: pluggy.PluginManager) -> None:
@@ -61,20 +153,11 @@ def _load_entry_points(manager: pluggy.PluginManager) -> None:
         dist = entry_point.dist.name if entry_point.dist is not None else None
         if allow is not None and entry_point.name not in allow and dist not in allow:
             continue
-        try:
-            manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=entry_point.name)
-        except Exception as error:  # one broken plugin must not take the others down; it is reported instead
-            failure = PluginFailure(entry_point.name, dist, f"{type(error).__name__}: {error}")
-            _failures.append(failure)
-            warnings.warn(
-                f"art plugin {entry_point.name!r} ({dist}) failed to load: {failure.error}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        _load_entry_point(manager, entry_point)
 
 
 def plugin_failures() -> list[PluginFailure]:
-    """Entry points that failed to import during loading."""
+    """Plugins that were skipped as broken, and problems in the ones that loaded."""
     get_plugin_manager()
     return list(_failures)
 
@@ -120,21 +203,22 @@ def reset_plugin_manager() -> None:
     with _lock:
         _manager = None
         _failures.clear()
+        _distributions.clear()
 
 
 def _collect(hook_name: str) -> list[PluginEntry]:
     manager = get_plugin_manager()
-    distinfo = {id(plugin): dist for plugin, dist in manager.list_plugin_distinfo()}
     entries: list[PluginEntry] = []
     seen: dict[str, PluginEntry] = {}
     for impl in getattr(manager.hook, hook_name).get_hookimpls():
-        dist = distinfo.get(id(impl.plugin))
-        dist_name = dist.project_name if dist is not None else None
-        version = dist.version if dist is not None else getattr(impl.plugin, "__version__", None)
+        dist_name, version = _distributions.get(
+            impl.plugin_name, (None, getattr(impl.plugin, "__version__", None))
+        )
         if impl.plugin_name == "art_core.builtin":
             from art_core import __version__
 
             dist_name, version = "art-core", __version__
+        found: list[PluginEntry] = []
 
         def register(
             name: str,
@@ -142,19 +226,34 @@ def _collect(hook_name: str) -> list[PluginEntry]:
             _plugin: str = impl.plugin_name,
             _dist: str | None = dist_name,
             _version: str | None = version,
+            _found: list[PluginEntry] = found,
         ) -> None:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"plugin {_plugin} registered {obj!r} under an empty or non-string name")
-            entry = PluginEntry(name, obj, _plugin, _dist, _version)
-            if name in seen:
-                raise ValueError(
-                    f"{hook_name}: {name!r} is registered twice, by {seen[name].plugin} and by {_plugin}; "
-                    "uninstall one or restrict loading with ART_LOAD_PLUGINS"
-                )
-            seen[name] = entry
-            entries.append(entry)
+            _found.append(PluginEntry(name, obj, _plugin, _dist, _version))
 
-        impl.function(register=register)
+        try:
+            impl.function(register=register)
+        except Exception as error:  # a hook that raises breaks its own plugin only
+            with _lock:
+                if not any(f.name == impl.plugin_name and f.broken for f in _failures):
+                    _report(
+                        PluginFailure(
+                            impl.plugin_name,
+                            dist_name,
+                            f"{hook_name} raised {type(error).__name__}: {error}",
+                            f"fix {hook_name} in {getattr(impl.plugin, '__name__', impl.plugin_name)}",
+                        )
+                    )
+            continue
+        for entry in found:
+            if entry.name in seen:
+                raise ValueError(
+                    f"{hook_name}: {entry.name!r} is registered twice, by {seen[entry.name].plugin} and by "
+                    f"{entry.plugin}; uninstall one or restrict loading with ART_LOAD_PLUGINS"
+                )
+            seen[entry.name] = entry
+            entries.append(entry)
     return sorted(entries, key=lambda entry: entry.name)
 
 
