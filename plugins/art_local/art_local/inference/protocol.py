@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from art_local.inference.engine import Completion, SamplingParams, ServedModel
 
@@ -30,10 +30,72 @@ class RequestError(ValueError):
         self.param = param
 
 
-class ChatCompletionRequest(BaseModel):
-    """The body of ``POST /v1/chat/completions`` that this server accepts."""
+# Served names are model names (at most 128 characters) plus "@{step}"; anything longer is not one of ours, and
+# a step of thousands of digits would make int() raise instead of answering 404.
+MAX_MODEL_NAME_LENGTH = 256
+MAX_STEP_DIGITS = 18
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+_TEXT_PART_TYPES = frozenset({"text", "refusal"})
 
-    model_config = ConfigDict(extra="forbid")
+
+def _check_content(content: object, where: str, *, nullable: bool) -> None:
+    if content is None:
+        if not nullable:
+            raise ValueError(f"{where}.content is missing; give the message's text as a string")
+        return
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise ValueError(
+            f"{where}.content is a {type(content).__name__}; it must be a string or a list of text parts "
+            '([{"type": "text", "text": "..."}])'
+        )
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _TEXT_PART_TYPES or not isinstance(part.get(kind), str):
+            shown = kind if isinstance(kind, str) else type(part).__name__
+            raise ValueError(
+                f"{where}.content[{index}] is {shown[:40]!r}; this server takes text parts only "
+                '({"type": "text", "text": "..."})'
+            )
+
+
+def check_message(message: dict[str, Any], where: str) -> None:
+    """One chat message: a known role, text content, and the fields that role needs, each of the right type."""
+    role = message.get("role")
+    if role not in ROLES:
+        shown = repr(role)[:60] if isinstance(role, str) else f"a {type(role).__name__}"
+        raise ValueError(f"{where}.role is {shown}; it must be one of {', '.join(ROLES)}")
+    calls = message.get("tool_calls")
+    if calls is not None and (role != "assistant" or not isinstance(calls, list)):
+        raise ValueError(f"{where}.tool_calls must be a list, on an assistant message only")
+    _check_content(message.get("content"), where, nullable=role == "assistant")
+    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+        raise ValueError(f"{where}.tool_call_id is missing; a tool message answers a tool call by its id")
+    for key in ("name", "tool_call_id"):
+        if key in message and not isinstance(message[key], str | None):
+            raise ValueError(f"{where}.{key} is a {type(message[key]).__name__}; it must be a string")
+
+
+def check_tool(tool: dict[str, Any], where: str) -> None:
+    """One tool: ``{"type": "function", "function": {"name": str, ...}}``."""
+    function = tool.get("function")
+    if tool.get("type") != "function" or not isinstance(function, dict):
+        raise ValueError(
+            f'{where} must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}'
+        )
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise ValueError(f"{where}.function.name is missing; name the function")
+
+
+class ChatCompletionRequest(BaseModel):
+    """The body of ``POST /v1/chat/completions`` that this server accepts.
+
+    Strict: a string is never read as a number or a boolean (``logprobs: "yes"`` is a 400), and each message
+    is checked (role, content) so a request is answered as sent or refused naming the field.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1)
     messages: list[dict[str, Any]] = Field(min_length=1)
@@ -45,7 +107,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     stream: Literal[False] = False
@@ -61,6 +123,35 @@ class ChatCompletionRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     service_tier: str | None = None
     stream_options: dict[str, Any] | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _servable_name(cls, value: str) -> str:
+        if len(value) > MAX_MODEL_NAME_LENGTH:
+            raise ValueError(
+                f"model name of {len(value)} characters is not served here (names have at most "
+                f"{MAX_MODEL_NAME_LENGTH}); pass model.get_inference_name() or an id from GET /v1/models"
+            )
+        _, at, step = value.rpartition("@")
+        if at and step.isdigit() and len(step) > MAX_STEP_DIGITS:
+            raise ValueError(
+                f"the step of model {value[:60]!r}... has {len(step)} digits; steps have at most 18"
+            )
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _valid_messages(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for index, message in enumerate(value):
+            check_message(message, f"messages[{index}]")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _valid_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for index, tool in enumerate(value or ()):
+            check_tool(tool, f"tools[{index}]")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
