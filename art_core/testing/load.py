@@ -36,7 +36,7 @@ class LoadPlan:
     max_tokens: tuple[int, int] = (1, 64)  # drawn log-uniformly: mostly short, some long
     n: tuple[int, ...] = (1, 1, 1, 2, 4, 8)  # drawn uniformly from this list
     temperatures: tuple[float, ...] = (0.0, 1.0)
-    prompt_words: tuple[int, int] = (1, 200)
+    prompt_words: tuple[int, int] = (1, 200)  # drawn log-uniformly
     stop_fraction: float = 0.2  # requests that send stop strings
     cancel_fraction: float = 0.1  # requests the client abandons after a random delay
     cancel_after_s: tuple[float, float] = (0.001, 0.5)
@@ -111,7 +111,7 @@ def _requests(plan: LoadPlan, models: Sequence[str]) -> list[_Request]:
     rng = random.Random(plan.seed)
     made = []
     for i in range(plan.requests):
-        words = rng.randint(*plan.prompt_words)
+        words = round(math.exp(rng.uniform(*(math.log(w) for w in plan.prompt_words))))
         body: dict[str, Any] = {
             "model": models[i % len(models)],
             "messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=words))}],

@@ -72,7 +72,9 @@ def settle(job: Job, result: list[Completion] | BaseException) -> None:
     def apply() -> None:
         if job.future.done():
             return
-        if isinstance(result, BaseException):
+        if isinstance(result, asyncio.CancelledError):  # nobody waits: no "exception never retrieved"
+            job.future.cancel()
+        elif isinstance(result, BaseException):
             job.future.set_exception(result)
         else:
             job.future.set_result(result)

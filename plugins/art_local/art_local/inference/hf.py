@@ -421,6 +421,11 @@ class HFEngine:
         return self._worker.live_jobs()
 
     @property
+    def rows_dropped(self) -> int:
+        """Rows of abandoned requests the worker dropped before they finished (for tests and benchmarks)."""
+        return self._worker.rows_dropped
+
+    @property
     def steps_run(self) -> int:
         """Decoding steps the worker has run so far (for tests and benchmarks)."""
         return self._worker.steps_run

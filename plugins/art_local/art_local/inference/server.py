@@ -310,7 +310,14 @@ class InferenceServer:
         self._socket = bind_socket(self._host, self._requested_port)
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(
-            self._app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5
+            self._app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+            # idle keep-alive connections live longer than a rollout wave: closing one just as a client reuses it
+            # is a ReadError on the client (uvicorn's default is 5 s)
+            timeout_keep_alive=75,
         )
         self._server = server = uvicorn.Server(config)
         log = _StartupLog()
