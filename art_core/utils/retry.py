@@ -9,6 +9,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
 P = ParamSpec("P")
@@ -46,6 +47,74 @@ def _record(result: object, retries: int) -> None:
         metrics[RETRIES_METRIC] = metrics.get(RETRIES_METRIC, 0) + retries
 
 
+@dataclass(frozen=True)
+class _Policy:
+    max_attempts: int
+    delay: float
+    backoff_factor: float
+    types: tuple[type[BaseException], ...]
+    on_retry: OnRetry | None
+    max_delay: float | None
+    jitter: float
+
+    def wait_before(self, attempt: int, error: BaseException, name: str) -> float:
+        """Report retry ``attempt`` of ``name`` and return how long to wait before it."""
+        if self.on_retry is not None:
+            self.on_retry(error, attempt)
+        else:
+            logger.warning(
+                "retry %d/%d of %s after %s: %s",
+                attempt,
+                self.max_attempts - 1,
+                name,
+                type(error).__name__,
+                error,
+            )
+        seconds = self.delay * self.backoff_factor ** (attempt - 1)
+        seconds = seconds if self.max_delay is None else min(seconds, self.max_delay)
+        return seconds * random.uniform(1 - self.jitter, 1 + self.jitter) if self.jitter else seconds
+
+
+def _retrying_async(function: Callable[..., Any], policy: _Policy) -> Callable[..., Any]:
+    name = getattr(function, "__qualname__", repr(function))
+
+    @functools.wraps(function)
+    async def retrying(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(1, policy.max_attempts + 1):
+            try:
+                result = await function(*args, **kwargs)
+            except policy.types as error:
+                if attempt == policy.max_attempts:
+                    raise
+                await asyncio.sleep(policy.wait_before(attempt, error, name))
+                continue
+            _record(result, attempt - 1)
+            return result
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    return retrying
+
+
+def _retrying_sync(function: Callable[..., Any], policy: _Policy) -> Callable[..., Any]:
+    name = getattr(function, "__qualname__", repr(function))
+
+    @functools.wraps(function)
+    def retrying(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(1, policy.max_attempts + 1):
+            try:
+                result = function(*args, **kwargs)
+            except policy.types as error:
+                if attempt == policy.max_attempts:
+                    raise
+                time.sleep(policy.wait_before(attempt, error, name))
+                continue
+            _record(result, attempt - 1)
+            return result
+        raise AssertionError("unreachable")
+
+    return retrying
+
+
 def retry(
     max_attempts: int = 3,
     delay: float = 0.25,
@@ -67,52 +136,11 @@ def retry(
     _check_numbers(max_attempts, delay, backoff_factor, max_delay)
     if not 0 <= jitter <= 1:
         raise ValueError(f"jitter={jitter} must be in [0, 1]")
-
-    def wait_before(attempt: int, error: BaseException, name: str) -> float:
-        if on_retry is not None:
-            on_retry(error, attempt)
-        else:
-            logger.warning(
-                "retry %d/%d of %s after %s: %s", attempt, max_attempts - 1, name, type(error).__name__, error
-            )
-        seconds = delay * backoff_factor ** (attempt - 1)
-        seconds = seconds if max_delay is None else min(seconds, max_delay)
-        return seconds * random.uniform(1 - jitter, 1 + jitter) if jitter else seconds
+    policy = _Policy(max_attempts, delay, backoff_factor, types, on_retry, max_delay, jitter)
 
     def decorator(function: Callable[P, R]) -> Callable[P, R]:
-        name = getattr(function, "__qualname__", repr(function))
         if inspect.iscoroutinefunction(function):
-
-            @functools.wraps(function)
-            async def retrying_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                for attempt in range(1, max_attempts + 1):
-                    try:
-                        result = await function(*args, **kwargs)
-                    except types as error:
-                        if attempt == max_attempts:
-                            raise
-                        await asyncio.sleep(wait_before(attempt, error, name))
-                        continue
-                    _record(result, attempt - 1)
-                    return result
-                raise AssertionError("unreachable")  # the loop returns or raises
-
-            return cast("Callable[P, R]", retrying_async)
-
-        @functools.wraps(function)
-        def retrying(*args: P.args, **kwargs: P.kwargs) -> R:
-            for attempt in range(1, max_attempts + 1):
-                try:
-                    result = function(*args, **kwargs)
-                except types as error:
-                    if attempt == max_attempts:
-                        raise
-                    time.sleep(wait_before(attempt, error, name))
-                    continue
-                _record(result, attempt - 1)
-                return result
-            raise AssertionError("unreachable")
-
-        return retrying
+            return cast("Callable[P, R]", _retrying_async(function, policy))
+        return cast("Callable[P, R]", _retrying_sync(function, policy))
 
     return decorator
