@@ -187,6 +187,7 @@ class LocalBackend:
         model.base_path = self._path
         if not isinstance(model, TrainableModel):
             return
+        self._check_inference()
         async with self._register_lock:
             existing = self._slots.get(model.name)
             if existing is not None:
@@ -318,6 +319,7 @@ class LocalBackend:
         from art_local.training.call import CallOptions
 
         slot = self._slot(model)
+        self._check_inference()
         loss = LossConfig(
             ppo=ppo,
             epsilon=epsilon,
@@ -520,6 +522,11 @@ class LocalBackend:
                 f"model {model.name!r} is not registered; call `await model.register(backend)` first"
             )
         return slot
+
+    def _check_inference(self) -> None:
+        """Raise the inference engine's failure, if it has one: a dead sampler must not look like a slow one."""
+        if self._service is not None:
+            self._service.check_healthy()
 
     async def _started_service(self) -> InferenceService:
         if self._service is None:

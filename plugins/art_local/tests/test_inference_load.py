@@ -8,6 +8,7 @@ pending, so they waited until another request arrived (forever, in a validation 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +18,12 @@ import httpx
 import openai
 import pytest
 
-from art_local.inference.hf import HFEngine
+import art_core as art
+from art_local.backend import LocalBackend
+from art_local.inference.batching import BatchWorker, EngineFailure
+from art_local.inference.hf import HFEngine, HFEngineConfig
+from art_local.inference.sampling import DecodeBatch
+from art_local.inference.server import InferenceServer, create_app
 from art_local.inference.service import InferenceService
 
 USER: Any = [{"role": "user", "content": "Sort these letters: b c a"}]
@@ -98,3 +104,78 @@ async def test_a_disconnected_client_stops_its_work(service: InferenceService) -
         await asyncio.sleep(0.05)
     assert engine.pending_requests() == 0
     assert engine.steps_run - before < 1000, "the abandoned request decoded on after its client left"
+
+
+@pytest.fixture
+async def fragile(tiny_model_dir: Path) -> AsyncIterator[tuple[HFEngine, InferenceServer]]:
+    """An engine whose watchdog gives up after 1 s without progress, behind a real server."""
+    engine = HFEngine(HFEngineConfig(device="cpu", stall_timeout_s=1.0, watchdog_interval_s=0.1))
+    await engine.add_model("agent", base_model=tiny_model_dir, step=0, weights=None, load_step=lambda s: None)
+
+    def health() -> str | None:
+        try:
+            engine.check_healthy()
+        except EngineFailure as exc:
+            return str(exc)
+        return None
+
+    server = InferenceServer(create_app(engine, api_key="k", health=health))
+    await server.start()
+    yield engine, server
+    await server.stop()
+    await engine.close()
+
+
+async def test_a_stuck_worker_fails_every_request_with_the_cause(
+    fragile: tuple[HFEngine, InferenceServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, server = fragile
+    stuck = threading.Event()
+    monkeypatch.setattr(DecodeBatch, "step", lambda self: stuck.wait(20) and [])
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="k", max_retries=0, timeout=15)
+    try:
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError, match="no progress") as waiting:
+            await ask(client, 4, 1.0)
+        assert waiting.value.status_code == 503 and time.monotonic() - started < 10
+        with pytest.raises(openai.InternalServerError, match="no progress"):  # the next one fails at once
+            await ask(client, 4, 1.0)
+        async with httpx.AsyncClient() as http:
+            health = await http.get(server.base_url.removesuffix("/v1") + "/health")
+        assert health.status_code == 503 and "no progress" in health.text
+        with pytest.raises(EngineFailure, match="stall_timeout_s"):
+            engine.check_healthy()
+    finally:
+        stuck.set()
+
+
+async def test_a_crashed_worker_fails_every_request_with_the_cause(
+    fragile: tuple[HFEngine, InferenceServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, server = fragile
+
+    def boom(self: BatchWorker) -> None:
+        raise MemoryError("out of memory in the test")
+
+    monkeypatch.setattr(BatchWorker, "_admit", boom)
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="k", max_retries=0, timeout=15)
+    for _ in range(2):  # the pending request, then the next one
+        with pytest.raises(openai.InternalServerError, match="MemoryError: out of memory in the test"):
+            await ask(client, 4, 1.0)
+
+
+async def test_train_and_register_raise_the_engines_failure(tmp_path: Path, tiny_model_dir: Path) -> None:
+    backend = LocalBackend(str(tmp_path / "art"), device="cpu", engine="hf")
+    try:
+        model = art.TrainableModel(name="agent", project="p", base_model=str(tiny_model_dir))
+        await model.register(backend)
+        engine = backend._service.engine if backend._service else None
+        assert isinstance(engine, HFEngine)
+        engine._worker.failure = EngineFailure("the inference worker crashed: MemoryError: test")
+        with pytest.raises(EngineFailure, match="MemoryError: test"):
+            await backend.train(model, [])
+        other = art.TrainableModel(name="other", project="p", base_model=str(tiny_model_dir))
+        with pytest.raises(EngineFailure, match="MemoryError: test"):
+            await other.register(backend)
+    finally:
+        await backend.close()

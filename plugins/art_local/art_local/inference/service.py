@@ -107,6 +107,20 @@ class InferenceService:
             raise RuntimeError("the inference service has not started; await service.start() first")
         return self._engine
 
+    def health_problem(self) -> str | None:
+        """None while the engine works (or has not started), else why it cannot answer (``/health`` says 503)."""
+        try:
+            self.check_healthy()
+        except Exception as exc:
+            return str(exc)
+        return None
+
+    def check_healthy(self) -> None:
+        """Raise the engine's failure (a dead or stalled worker, a crashed vLLM) so callers fail, not hang."""
+        check = getattr(self._engine, "check_healthy", None)  # engines without a watchdog have nothing to say
+        if check is not None:
+            check()
+
     def _make_engine(self) -> HostedEngine:
         if self._engine_kind == "vllm":
             from art_local.inference.vllm import VLLMEngine
@@ -126,7 +140,9 @@ class InferenceService:
             if self._server is not None:
                 return
             engine = self._make_engine()
-            app = create_app(engine, api_key=self._api_key, max_body_bytes=self._max_body_bytes)
+            app = create_app(
+                engine, api_key=self._api_key, max_body_bytes=self._max_body_bytes, health=self.health_problem
+            )
             server = InferenceServer(app, host=self._host, port=self._port)
             try:
                 await server.start(timeout_s=60.0)
