@@ -1,4 +1,4 @@
-"""Rewards → advantages → per-token weights (RL_MATH.md §1–§2), as pure functions on plain numbers.
+"""Rewards → advantages → per-token weights (docs/rl-math.md §1–§2), as pure functions on plain numbers.
 
 Every backend uses these, so Local, Serverless and Tinker agree on the same batch. No torch here: a trainer
 broadcasts the per-trajectory numbers over that trajectory's trained tokens.
@@ -92,7 +92,7 @@ class NormalizedBatch:
 def normalize_batch(
     advantages: Sequence[float], token_counts: Sequence[int], *, advantage_balance: float = 0.0
 ) -> NormalizedBatch:
-    """RL_MATH §2 over all trained tokens of one train() call.
+    """docs/rl-math.md §2 over all trained tokens of one train() call.
 
     Each trajectory's tokens share weight 1/(its token count), rescaled so the mean token weight is 1;
     ``advantage_balance`` damps one sign; then advantages are divided by mean(|A|·w) over tokens so the loss

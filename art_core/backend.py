@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 ImportanceSamplingLevel: TypeAlias = Literal["token", "sequence", "average", "geometric_average"]
 
-# The defaults of the options every TrainableBackend shares (ARCHITECTURE.md §5); the conformance kit checks
+# The defaults of the options every TrainableBackend shares (docs/architecture.md §5); the conformance kit checks
 # that each backend's train() keeps them.
 COMMON_TRAIN_DEFAULTS: dict[str, object] = {
     "learning_rate": 5e-6,

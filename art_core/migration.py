@@ -38,7 +38,7 @@ class TrainConfig(pydantic.BaseModel):
     @pydantic.model_validator(mode="before")
     @classmethod
     def _no_beta(cls, data: Any) -> Any:
-        # ART up to 0.5.11 had `beta`, a KL *loss* term; kl_penalty_coef shapes advantages instead (RL_MATH.md).
+        # ART up to 0.5.11 had `beta`, a KL *loss* term; kl_penalty_coef shapes advantages instead (docs/rl-math.md).
         if isinstance(data, dict) and "beta" in data:
             if data["beta"] not in (0, 0.0):
                 raise ValueError(

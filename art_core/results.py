@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class TrainResult:
-    """The step the model reached and the metrics of the call (keys per RL_MATH.md §4)."""
+    """The step the model reached and the metrics of the call (keys per docs/rl-math.md §4)."""
 
     step: int
     metrics: dict[str, float] = field(default_factory=dict)

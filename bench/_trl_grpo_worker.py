@@ -63,7 +63,7 @@ def main(job: dict[str, Any]) -> None:
         learning_rate=job["learning_rate"],
         lr_scheduler_type="constant",
         beta=0.0,  # no reference model (TRL's default; ours has no KL either)
-        bf16=False,  # TRL defaults to bf16: 18x slower backward on CPUs without native bf16 (ARCHITECTURE §6)
+        bf16=False,  # TRL defaults to bf16: 18x slower backward on CPUs without native bf16 (docs/architecture.md §6)
         fp16=False,
         gradient_checkpointing=False,  # TRL defaults to True; off is faster for models this small
         model_init_kwargs={"dtype": torch.float32},

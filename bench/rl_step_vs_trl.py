@@ -7,7 +7,7 @@ random reward each (every group has signal), then one AdamW step of a full fine-
   server (``save_checkpoint=False``: TRL writes no checkpoint per step either). ``ours_n_step_s`` is the same
   step with one request per group (``n=4``), the cheaper way to sample a single-turn group.
 - TRL: ``GRPOTrainer`` (``beta=0``, no reference model) with ``bf16=False`` — TRL's default bf16 makes the
-  backward pass ~18x slower on CPUs without native bf16 (ARCHITECTURE §6) — and ``gradient_checkpointing=False``
+  backward pass ~18x slower on CPUs without native bf16 (docs/architecture.md §6) — and ``gradient_checkpointing=False``
   (TRL's default True only costs time at this size); ``min_new_tokens`` forces the 32 tokens.
 The two sides run in lockstep, each in its own process, one step at a time in a rotating order (TRL, ours,
 ours with ``n=4``; then ours, ours ``n=4``, TRL; ...), while the others wait idle: a burst of load from elsewhere

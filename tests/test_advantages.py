@@ -1,4 +1,4 @@
-"""RL_MATH §1–§2 against hand computations."""
+"""docs/rl-math.md §1–§2 against hand computations."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from typing import Any
 from art_core.backend import COMMON_TRAIN_DEFAULTS, Backend
 from art_core.results import TrainResult
 
-# Every train() option of the shipped backends (ARCHITECTURE.md §5): an option a backend lacks must be refused.
+# Every train() option of the shipped backends (docs/architecture.md §5): an option a backend lacks must be refused.
 ALL_TRAIN_OPTIONS = (
     *COMMON_TRAIN_DEFAULTS,
     "max_negative_advantage_importance_sampling_weight",

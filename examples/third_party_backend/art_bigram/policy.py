@@ -1,7 +1,7 @@
 """The bigram letter policy and one policy-gradient step on it, as pure functions on plain lists (no torch).
 
 The policy ignores the prompt: the next letter depends only on the previous one. That is all a toy needs to show
-what a backend does with art_core's advantages (``art_core.advantages``) and the RL loss of RL_MATH.md §3.
+what a backend does with art_core's advantages (``art_core.advantages``) and the RL loss of docs/rl-math.md §3.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Completion:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The common loss options of ``train()`` (RL_MATH.md §3); ε defaults per PPO or CISPO."""
+    """The common loss options of ``train()`` (docs/rl-math.md §3); ε defaults per PPO or CISPO."""
 
     ppo: bool = False
     epsilon: float | None = None

@@ -310,7 +310,7 @@ class LocalBackend:
         save_checkpoint: bool = True,
         verbose: bool = False,
     ) -> LocalTrainResult:
-        """One optimizer step on ``trajectory_groups`` (RL_MATH.md); returns the new step and its metrics.
+        """One optimizer step on ``trajectory_groups`` (docs/rl-math.md); returns the new step and its metrics.
 
         A batch without a trainable group still advances the step (0 gradient steps). ``save_checkpoint=False``
         writes nothing under ``checkpoints/``. ``plot_tensors=True`` writes ``tensors/{step:04d}.png``.

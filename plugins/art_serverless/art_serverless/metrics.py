@@ -1,4 +1,4 @@
-"""Turn a job's ``gradient_step`` events into the metric taxonomy of RL_MATH.md §4."""
+"""Turn a job's ``gradient_step`` events into the metric taxonomy of docs/rl-math.md §4."""
 
 from __future__ import annotations
 

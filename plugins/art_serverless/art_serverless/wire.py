@@ -1,4 +1,4 @@
-"""The serverless-RL wire format (PROTOCOLS.md §1): paths, bodies and records shared by client and server.
+"""The serverless-RL wire format (docs/protocols.md §1): paths, bodies and records shared by client and server.
 
 Pydantic only, so the client stays light. Records the client reads ignore unknown fields (the hosted service may
 add some); bodies the server reads forbid them, so a typo is a 422 rather than a silently ignored option.

@@ -5,7 +5,7 @@ the chat template around each ``Choice``'s sampled ids for tokens), so both back
 the same numbers. Two datum layouts:
 
 * built-in losses (``ppo``/``cispo``) *sum* token losses, so each trained token's advantage is sent as
-  ``A_i * w_i / (N + 1e-6)`` (``N`` = trained tokens of the call): the summed loss is RL_MATH §3's
+  ``A_i * w_i / (N + 1e-6)`` (``N`` = trained tokens of the call): the summed loss is docs/rl-math.md §3's
   ``sum(L_t * w_t) / (N + 1e-6)``;
 * the custom loss (``rl_loss``) gets the raw ``A_i`` and ``w_i`` and the trained-token mask, and evaluates
   art-local's ``policy_loss`` on them.

@@ -1,4 +1,4 @@
-"""RL_MATH §3's loss for ``forward_backward_custom``, where a built-in Tinker loss cannot express an option.
+"""docs/rl-math.md §3's loss for ``forward_backward_custom``, where a built-in Tinker loss cannot express an option.
 
 Used for sequence-level importance sampling (and its averages), truncated importance sampling, and tokens without
 sampler logprobs (``old := new.detach()``). The loss is art-local's ``policy_loss`` itself, evaluated client-side

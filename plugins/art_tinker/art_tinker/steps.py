@@ -64,7 +64,7 @@ def describe(lora: LoraChoice) -> str:
 
 @dataclass(frozen=True)
 class LossChoice:
-    """The RL_MATH loss options a Tinker train() call uses."""
+    """The docs/rl-math.md loss options a Tinker train() call uses."""
 
     ppo: bool
     epsilon: float | None
@@ -154,7 +154,7 @@ async def gradient_step(
     log: Callable[[str], None],
     timeout_s: float,
 ) -> StepOutcome:
-    """forward_backward (built-in ppo/cispo, or the custom RL_MATH loss) then optim_step, pipelined."""
+    """forward_backward (built-in ppo/cispo, or the custom docs/rl-math.md loss) then optim_step, pipelined."""
     import tinker
 
     if prepared.batch is None:
@@ -165,7 +165,7 @@ async def gradient_step(
     data = to_datums(sequences, trained_tokens, custom=custom)
     config = loss.config()
     if custom:
-        log("forward_backward_custom (RL_MATH loss evaluated client-side)")
+        log("forward_backward_custom (docs/rl-math.md loss evaluated client-side)")
         backward = client.forward_backward_custom(data, custom_loss(config, trained_tokens))
     else:
         low, high = config.clip_range()

@@ -1,4 +1,4 @@
-"""``art demo``: a real RL run that visibly learns to sort three letters in minutes on a CPU (DEMO_TASK.md)."""
+"""``art demo``: a real RL run that visibly learns to sort three letters in minutes on a CPU (plugins/art_local/DEMO.md)."""
 
 from art_local.demo.run import DemoConfig, DemoResult, Recipe, recipe_for, run_demo
 from art_local.demo.task import Triple, all_triples, answer, prompt, reward, rollout, split_triples

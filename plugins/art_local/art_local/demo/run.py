@@ -31,7 +31,7 @@ Echo = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Recipe:
-    """Measured settings for one model size (DEMO_TASK.md)."""
+    """Measured settings for one model size (plugins/art_local/DEMO.md)."""
 
     warm_start_steps: int
     warm_start_learning_rate: float

@@ -1,4 +1,4 @@
-"""The demo task: sort three distinct letters from a–j (DEMO_TASK.md); the reward is exact-match accuracy."""
+"""The demo task: sort three distinct letters from a–j (plugins/art_local/DEMO.md); the reward is exact-match accuracy."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Format-only warm starts: a short SFT that teaches a tiny model the *shape* of an answer, not its content.
 
-A freshly initialised tiny model never samples a well-formed answer, so RL alone has no signal (DEMO_TASK.md).
+A freshly initialised tiny model never samples a well-formed answer, so RL alone has no signal (plugins/art_local/DEMO.md).
 For the sort task the SFT answers are *random permutations* of the prompt's letters: the model learns to answer
 with three letters and stop, not to sort (exact accuracy after it stays near chance, 1/6); sorting comes from RL.
 Each result is cached as a model directory beside the tiny model, so a second run skips it.

@@ -72,7 +72,7 @@ def merged_weights(group: WorkerGroup) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class RemoteOutcome:
-    """The state after the call, its metrics (RL_MATH §4, without ``time/``) and the merged weights if asked."""
+    """The state after the call, its metrics (docs/rl-math.md §4, without ``time/``) and the merged weights if asked."""
 
     state: TrainingState
     metrics: dict[str, float]

@@ -1,4 +1,4 @@
-"""One data-parallel optimizer step with the single-process maths (RL_MATH §3).
+"""One data-parallel optimizer step with the single-process maths (docs/rl-math.md §3).
 
 How the batch is split: the parent packs the batch exactly as the single-process trainer does and every rank
 receives all of it. ``split_rows`` gives each rank whole rows (a sequence never spans rows), longest first onto
@@ -163,7 +163,7 @@ def _policy_forward(
 def forward_backward_shared(
     parallel: Parallel, micros: list[TrainBatch | None], config: TrainerConfig, *, total_tokens: int
 ) -> dict[str, float]:
-    """This rank's share of RL_MATH §3; after it every rank holds the whole batch's gradient. Metrics summed."""
+    """This rank's share of docs/rl-math.md §3; after it every rank holds the whole batch's gradient. Metrics summed."""
     chunk = config.logprob_calculation_chunk_size
     with_kl = config.loss.kl_penalty_coef > 0
     kl_mean, references = global_kl(parallel, micros, chunk) if with_kl else (None, [None] * len(micros))

@@ -5,7 +5,7 @@ engine for completions of those prompt ids, and turns the sampled ids, logprobs 
 response. An engine serves names of the form ``{name}`` (the latest step) and ``{name}@{step}``.
 
 Logprobs are always those of the *untempered* model distribution, ``log_softmax(logits)`` in fp32, whatever
-temperature or top_p the sampler used. That is the quantity the trainer recomputes (RL_MATH §3: ``old`` is the
+temperature or top_p the sampler used. That is the quantity the trainer recomputes (docs/rl-math.md §3: ``old`` is the
 sampler's logprob of the token under the policy π_θ), so a sampled ``Choice`` can be trained on as is; it also
 matches vLLM's default ``logprobs_mode="raw_logprobs"``.
 """

@@ -75,7 +75,7 @@ def default_cpu_threads() -> int:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPU, float32 on CPU (bf16 on CPUs without native support is a trap; ARCHITECTURE §6)."""
+    """bfloat16 on GPU, float32 on CPU (bf16 on CPUs without native support is a trap; docs/architecture.md §6)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 

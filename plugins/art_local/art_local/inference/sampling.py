@@ -6,7 +6,7 @@ rows are dropped), so a long completion does not make short ones pay. Logprobs a
 distribution, ``log_softmax(logits)`` in fp32 (see ``engine.py``).
 
 On a tiny model most of the time is per-token dispatch overhead, which is why this loop, and not
-``model.generate()``, is used (ARCHITECTURE §6). For Llama-style decoder stacks (Llama, Mistral, Qwen2) the
+``model.generate()``, is used (docs/architecture.md §6). For Llama-style decoder stacks (Llama, Mistral, Qwen2) the
 one-token decoding forward is ``DecodeStep``: transformers' formulas on the model's own weights and norm and
 rotary modules (a test holds its logits and cache to transformers' within 1e-5), without the per-module
 dispatch, mask building and output plumbing (measured on the 18M model, 8 rows, 1 thread: 17-19 ms per step through transformers, 15-16 ms).

@@ -1,4 +1,4 @@
-"""The functional trainer of art-local: explicit state in, state out (ARCHITECTURE §6, RL_MATH §3).
+"""The functional trainer of art-local: explicit state in, state out (docs/architecture.md §6, docs/rl-math.md §3).
 
 Typical flow: ``components = build_components(base_model, config)``; ``prepared = prepare_batch(groups,
 tokenizer)``; ``forward_backward(components, prepared.batch, config)``; ``state = optim_step(components, state,

@@ -1,4 +1,4 @@
-"""Trajectory groups → one packed ``TrainBatch`` of token tensors (RL_MATH §1–§2 via ``art_core.advantages``).
+"""Trajectory groups → one packed ``TrainBatch`` of token tensors (docs/rl-math.md §1–§2 via ``art_core.advantages``).
 
 Several sequences share a row; attention stays inside each sequence. The sequences of a group that start with
 the same prompt share one copy of it: the prompt (minus its last token) is a segment every branch may attend
@@ -221,7 +221,7 @@ def _fill_rows(rows: list[list[_Unit]], sequences: Sequence[PackSequence], lengt
 
 @dataclass(frozen=True)
 class PreparedBatch:
-    """The packed batch (None when nothing is trainable) and the data metrics of RL_MATH §4."""
+    """The packed batch (None when nothing is trainable) and the data metrics of docs/rl-math.md §4."""
 
     batch: TrainBatch | None
     num_groups_submitted: int

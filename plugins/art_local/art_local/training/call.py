@@ -31,7 +31,7 @@ class CallOptions:
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """The state after the call and its metrics (RL_MATH §4, without ``time/``)."""
+    """The state after the call and its metrics (docs/rl-math.md §4, without ``time/``)."""
 
     state: TrainingState
     metrics: dict[str, float]

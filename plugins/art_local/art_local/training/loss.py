@@ -1,4 +1,4 @@
-"""The token-level policy loss of RL_MATH.md §3 as a pure function of tensors (no model, no state).
+"""The token-level policy loss of docs/rl-math.md §3 as a pure function of tensors (no model, no state).
 
 Shapes: ``_BT`` = [rows, tokens] of a packed batch. Positions where ``loss_mask_BT`` is False contribute
 nothing (their values may be anything finite or NaN). The loopback Tinker server reuses this function.
@@ -20,7 +20,7 @@ CISPO_EPSILON_HIGH = 4.0
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The per-call loss options (ARCHITECTURE §5, Local column). ``None`` ε values take the defaults below.
+    """The per-call loss options (docs/architecture.md §5, Local column). ``None`` ε values take the defaults below.
 
     ``max_negative_advantage_importance_sampling_weight`` caps ρ only on tokens whose advantage is negative
     (ART capped every token despite the name).
@@ -153,7 +153,7 @@ def policy_loss(
     num_trained_tokens: float | None = None,
     kl_mean: torch.Tensor | None = None,
 ) -> PolicyLoss:
-    """RL_MATH §3: sum over trained tokens of L_t·w_t divided by (trained tokens + 1e-6).
+    """docs/rl-math.md §3: sum over trained tokens of L_t·w_t divided by (trained tokens + 1e-6).
 
     ``old_logprobs_BT`` NaN means unknown (old := new.detach()). ``original_logprobs_BT`` are the sampler's
     values when ``old`` was precalculated. ``num_trained_tokens`` overrides the denominator (micro-batches);

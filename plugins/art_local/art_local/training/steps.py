@@ -144,7 +144,7 @@ def micro_batch_loss(
 def forward_backward(
     components: TrainingComponents, batch: TrainBatch, config: TrainerConfig
 ) -> dict[str, float]:
-    """The RL loss of RL_MATH §3 on ``batch``; gradients accumulate into the trainable weights.
+    """The RL loss of docs/rl-math.md §3 on ``batch``; gradients accumulate into the trainable weights.
 
     Returns ``loss/train``, ``loss/entropy`` (mean over trained tokens) and, with a KL penalty,
     ``loss/kl_policy_ref``. Micro-batches (``config.micro_batch_rows``) share one denominator.

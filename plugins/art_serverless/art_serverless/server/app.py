@@ -1,4 +1,4 @@
-"""The FastAPI app of the serverless-RL API (PROTOCOLS.md §1), over any installed training backend."""
+"""The FastAPI app of the serverless-RL API (docs/protocols.md §1), over any installed training backend."""
 
 from __future__ import annotations
 

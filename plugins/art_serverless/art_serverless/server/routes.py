@@ -1,4 +1,4 @@
-"""The routes of the serverless-RL API (PROTOCOLS.md §1) under ``/v1``, plus the OpenAI inference routes."""
+"""The routes of the serverless-RL API (docs/protocols.md §1) under ``/v1``, plus the OpenAI inference routes."""
 
 from __future__ import annotations
 

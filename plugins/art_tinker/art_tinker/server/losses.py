@@ -2,7 +2,7 @@
 
 ``new_N`` are the trainer's logprobs of ``target_tokens`` (with grad); ``old`` (``loss_fn_inputs["logprobs"]``)
 are the sampler's. Every loss is a plain sum over tokens: any per-token weighting or normalisation is the
-caller's, folded into ``weights``/``advantages`` (that is how ``TinkerBackend`` reproduces RL_MATH's reduction).
+caller's, folded into ``weights``/``advantages`` (that is how ``TinkerBackend`` reproduces that of docs/rl-math.md reduction).
 """
 
 from __future__ import annotations

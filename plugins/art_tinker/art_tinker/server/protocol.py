@@ -121,7 +121,7 @@ from __future__ import annotations
 PROTOBUF = "application/x-protobuf"
 API_PREFIX = "/api/v1"
 
-# The 19 routes the SDK needs for LoRA training, saving, resuming and sampling (PROTOCOLS.md §2).
+# The 19 routes the SDK needs for LoRA training, saving, resuming and sampling (docs/protocols.md §2).
 ROUTES: tuple[tuple[str, str], ...] = (
     ("POST", "/client/config"),
     ("POST", "/client/dynamic_config"),
