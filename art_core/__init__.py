@@ -7,7 +7,12 @@ not even openai or pyarrow until they are needed.
 from art_core import dev, rewards, utils
 from art_core.advantages import group_advantages, normalize_batch
 from art_core.backend import Backend, ImportanceSamplingLevel, TrainableBackend
-from art_core.gather import TooManyExceptionsError, gather_trajectories, gather_trajectory_groups
+from art_core.gather import (
+    RolloutTimeoutError,
+    TooManyExceptionsError,
+    gather_trajectories,
+    gather_trajectory_groups,
+)
 from art_core.hookspecs import hookimpl
 from art_core.migration import TrainConfig
 from art_core.model import Model, TrainableModel
@@ -26,6 +31,7 @@ __all__ = [
     "Model",
     "ServerlessTrainResult",
     "TinkerTrainResult",
+    "RolloutTimeoutError",
     "TooManyExceptionsError",
     "TrainConfig",
     "TrainResult",

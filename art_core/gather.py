@@ -24,6 +24,23 @@ class TooManyExceptionsError(RuntimeError):
     """More rollouts failed than ``max_exceptions`` allows; the last failure is the ``__cause__``."""
 
 
+class RolloutTimeoutError(TimeoutError):
+    """A rollout ran past ``gather_trajectory_groups(rollout_timeout_s=...)``; it counts as a failed rollout."""
+
+
+async def bounded(awaitable: Awaitable[T], timeout_s: float | None) -> T:
+    """``await awaitable``, cancelled with ``RolloutTimeoutError`` after ``timeout_s`` (None: no bound)."""
+    if timeout_s is None:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    except TimeoutError:
+        raise RolloutTimeoutError(
+            f"a rollout did not finish within rollout_timeout_s={timeout_s:g} s (it was cancelled); raise the "
+            "bound or look for a request that hangs"
+        ) from None
+
+
 @dataclass
 class GatherContext:
     """Live counters behind one gather call's progress bar."""
@@ -37,6 +54,7 @@ class GatherContext:
     metric_sums: dict[str, float] = field(default_factory=dict)
     metric_counts: dict[str, int] = field(default_factory=dict)
     max_metrics: int | None = None
+    rollout_timeout_s: float | None = None
 
     def record_trajectory(self, trajectory: Trajectory) -> None:
         self.trajectories += 1
@@ -117,6 +135,7 @@ async def gather_trajectory_groups(
     max_metrics: int | None = None,
     after_each: AfterEach | None = None,
     pbar_leave: bool = True,
+    rollout_timeout_s: float | None = None,
 ) -> list[TrajectoryGroup]:
     """Await every group concurrently, showing live reward and failures; return the finished groups.
 
@@ -125,11 +144,21 @@ async def gather_trajectory_groups(
     dropped. ``after_each`` may replace each finished group (return a group, a list of groups, or None to
     drop it). Rewards are checked: a non-finite one is a ValueError naming its group and trajectory.
     ``pbar_leave=False`` clears the bar when done (for loops that print their own line per step).
+    ``rollout_timeout_s`` bounds each rollout of a ``TrajectoryGroup`` (or each awaitable that returns a whole
+    group): one that runs longer is cancelled and counts as a failed rollout (``RolloutTimeoutError``) toward
+    ``max_exceptions``, so one hung request cannot stall a training step.
     """
     _check_max_exceptions(max_exceptions)
+    if rollout_timeout_s is not None and not rollout_timeout_s > 0:
+        raise ValueError(f"rollout_timeout_s={rollout_timeout_s!r}; give a number of seconds > 0, or None")
     items = list(groups)
     total = sum(item.pending or len(item) if isinstance(item, TrajectoryGroup) else 1 for item in items)
-    context = GatherContext(total=total, max_exceptions=max_exceptions, max_metrics=max_metrics)
+    context = GatherContext(
+        total=total,
+        max_exceptions=max_exceptions,
+        max_metrics=max_metrics,
+        rollout_timeout_s=rollout_timeout_s,
+    )
 
     async def finish(item: Awaitable[TrajectoryGroup]) -> list[TrajectoryGroup]:
         if isinstance(item, TrajectoryGroup):
@@ -140,7 +169,7 @@ async def gather_trajectory_groups(
                     context.record_trajectory(trajectory)
         else:
             try:
-                group = await item
+                group = await bounded(item, rollout_timeout_s)
             except Exception as error:
                 context.record_exception(error)
                 return []

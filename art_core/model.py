@@ -35,6 +35,21 @@ if TYPE_CHECKING:
     from art_core.results import TrainResult
 
 
+def _default_request_timeout_s() -> float:
+    raw = os.environ.get("ART_REQUEST_TIMEOUT_S", "180")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"ART_REQUEST_TIMEOUT_S={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"ART_REQUEST_TIMEOUT_S={raw!r}; give a number of seconds > 0")
+    return value
+
+
+DEFAULT_REQUEST_TIMEOUT_S = _default_request_timeout_s()  # each request of model.openai_client()
+DEFAULT_MAX_RETRIES = 1
+
+
 class Model(pydantic.BaseModel):
     """A model that rollouts call and whose trajectories and metrics get logged.
 
@@ -56,6 +71,7 @@ class Model(pydantic.BaseModel):
 
     _backend: Backend | None = pydantic.PrivateAttr(default=None)
     _openai_client: AsyncOpenAI | None = pydantic.PrivateAttr(default=None)
+    _openai_client_key: tuple[str, str, float, int] | None = pydantic.PrivateAttr(default=None)
     _reporters: dict[str, Reporter] | None = pydantic.PrivateAttr(default=None)
     _reporters_lock: threading.Lock = pydantic.PrivateAttr(default_factory=threading.Lock)
 
@@ -96,21 +112,38 @@ class Model(pydantic.BaseModel):
         await backend.register(self)
         self._backend = backend
 
-    def openai_client(self) -> AsyncOpenAI:
-        """An ``AsyncOpenAI`` client for this model's inference endpoint."""
-        if self._openai_client is not None:
-            return self._openai_client
+    def openai_client(
+        self, *, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, max_retries: int = DEFAULT_MAX_RETRIES
+    ) -> AsyncOpenAI:
+        """An ``AsyncOpenAI`` client for this model's inference endpoint (one per settings, reused).
+
+        ``timeout_s`` bounds each request (default 180 s, ``ART_REQUEST_TIMEOUT_S`` overrides it) and
+        ``max_retries`` retries connection errors, 429s and 5xx once: a rollout against a stuck server fails
+        within minutes instead of the OpenAI client's 600 s x 3. Set ``timeout_s`` above your slowest
+        legitimate request (long completions of a large model on CPU).
+        """
+        if not timeout_s > 0 or max_retries < 0:
+            raise ValueError(
+                f"timeout_s={timeout_s!r}, max_retries={max_retries!r}: give seconds > 0 and retries >= 0"
+            )
         if self.inference_base_url is None or self.inference_api_key is None:
             if self.trainable:
                 raise ValueError(
                     f"model {self.name!r} has no endpoint yet; call `await model.register(backend)`"
                 )
             raise ValueError("set inference_base_url and inference_api_key to get an OpenAI client")
+        key = (self.inference_base_url, self.inference_api_key, timeout_s, max_retries)
+        if self._openai_client is not None and self._openai_client_key == key:
+            return self._openai_client
         from openai import AsyncOpenAI
 
         self._openai_client = AsyncOpenAI(
-            base_url=self.inference_base_url, api_key=self.inference_api_key, timeout=1200.0, max_retries=2
+            base_url=self.inference_base_url,
+            api_key=self.inference_api_key,
+            timeout=timeout_s,
+            max_retries=max_retries,
         )
+        self._openai_client_key = key
         return self._openai_client
 
     def get_inference_name(self, step: int | None = None) -> str:

@@ -243,11 +243,11 @@ class TrajectoryGroup(pydantic.BaseModel):
     async def _finish(self) -> TrajectoryGroup:
         if not self._pending:
             return self
-        from art_core.gather import current_gather_context
+        from art_core.gather import bounded, current_gather_context
 
         awaitables, self._pending = self._pending, None
         context = current_gather_context()
-        futures = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+        futures = [asyncio.ensure_future(bounded(a, context.rollout_timeout_s)) for a in awaitables]
         try:
             for future in asyncio.as_completed(futures):
                 try:

@@ -115,3 +115,41 @@ async def test_progress_bar_can_clear_itself_when_done(capsys: pytest.CaptureFix
         err = capsys.readouterr().err
         assert "gather:" in err and ("2/2" in err) is leave
         assert err.endswith("\n") is leave  # a kept bar ends its line; a cleared one leaves the cursor there
+
+
+async def hung(reward: float) -> art.Trajectory:
+    await asyncio.sleep(3600)
+    return make_trajectory(reward)
+
+
+async def test_a_hung_rollout_times_out_and_counts_as_a_failure() -> None:
+    groups = await asyncio.wait_for(
+        art.gather_trajectory_groups(
+            [art.TrajectoryGroup([rollout(1.0), hung(0.0)]), art.TrajectoryGroup([rollout(0.5)])],
+            max_exceptions=1,
+            rollout_timeout_s=0.2,
+            pbar_desc=None,
+        ),
+        timeout=10,
+    )
+    assert [len(g) for g in groups] == [1, 1]
+    assert groups[0].exceptions[0].type == "art_core.gather.RolloutTimeoutError"
+    assert "rollout_timeout_s=0.2" in groups[0].exceptions[0].message
+
+
+async def test_hung_rollouts_beyond_the_budget_raise() -> None:
+    async def whole_group() -> art.TrajectoryGroup:
+        await asyncio.sleep(3600)
+        return art.TrajectoryGroup([make_trajectory(0.0)])
+
+    with pytest.raises(art.TooManyExceptionsError) as raised:
+        await asyncio.wait_for(
+            art.gather_trajectory_groups([whole_group()], rollout_timeout_s=0.1, pbar_desc=None), timeout=10
+        )
+    assert isinstance(raised.value.__cause__, art.RolloutTimeoutError)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
+async def test_a_rollout_timeout_must_be_positive(bad: float) -> None:
+    with pytest.raises(ValueError, match="rollout_timeout_s"):
+        await art.gather_trajectory_groups([], rollout_timeout_s=bad, pbar_desc=None)

@@ -42,6 +42,11 @@ async def test_register_sets_the_endpoint_and_is_idempotent(
     client = m.openai_client()
     assert str(client.base_url).startswith("http://127.0.0.1:9/v1") and client.api_key == "test-key"
     assert m.openai_client() is client
+    assert client.timeout == art.model.DEFAULT_REQUEST_TIMEOUT_S == 180.0 and client.max_retries == 1
+    patient = m.openai_client(timeout_s=900, max_retries=0)
+    assert patient.timeout == 900 and patient.max_retries == 0 and patient is not client
+    with pytest.raises(ValueError, match="timeout_s=0"):
+        m.openai_client(timeout_s=0)
     with pytest.raises(ValueError, match="already registered with MemoryBackend"):
         await m.register(MemoryBackend())
 
