@@ -7,19 +7,25 @@ standard tests and capability flags are all documented, and relative links resol
 
 from __future__ import annotations
 
+import ast
+import io
 import re
 import subprocess
 import sys
+import textwrap
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from art_core.testing import BackendConformance
+from art_core.testing.conformance import standard_tests
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "writing-a-backend.md"
 CHECKED_LANGUAGES = {"python", "toml"}
+TEXT_SUFFIXES = {".py", ".md", ".toml", ".txt", ".cfg", ".ini", ".yaml", ".yml", ""}
 
 
 @dataclass(frozen=True)
@@ -104,8 +110,8 @@ def test_runnable_blocks_run(block: Block, tmp_path: Path) -> None:
 
 def test_every_standard_check_and_capability_flag_is_documented() -> None:
     text = DOC.read_text()
-    tests = [name for name in vars(BackendConformance) if name.startswith("test_")]
-    flags = [name for name in BackendConformance.__annotations__ if name.startswith("supports_")]
+    tests = standard_tests()
+    flags = [name for name in dir(BackendConformance) if name.startswith("supports_")]
     missing = [name for name in [*tests, *flags] if f"`{name}`" not in text]
     assert not missing, f"docs/writing-a-backend.md does not mention {missing}"
 
@@ -122,3 +128,73 @@ def test_the_package_tree_lists_the_example_files() -> None:
     listed = set(re.findall(r"[\w.]+\.(?:py|toml)\b", tree.code))
     present = {path.name for path in example.rglob("*") if path.suffix in {".py", ".toml"}}
     assert listed == present - {"__init__.py"}, (listed, present)
+
+
+def imported_names(source: str) -> dict[str, str]:
+    """Name -> the import line that binds it, for every top-level import of a module's source."""
+    names: dict[str, str] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            line = ast.unparse(node)
+            for alias in node.names:
+                names[(alias.asname or alias.name).split(".")[0]] = line
+    return names
+
+
+def used_names(code: str) -> set[str]:
+    """The names a (possibly partial) excerpt reads: its name tokens, less attributes, strings and comments."""
+    names: set[str] = set()
+    previous = ""
+    for token in tokenize.generate_tokens(io.StringIO(textwrap.dedent(code)).readline):
+        if token.type == tokenize.NAME and previous != ".":
+            names.add(token.string)
+        previous = token.string
+    return names
+
+
+def test_python_excerpts_import_the_names_they_use() -> None:
+    """A reader can follow every excerpt: each name it takes from its file's imports is imported in it, or in
+    an earlier excerpt of the same file."""
+    problems = []
+    seen: dict[str, str] = {}  # file -> the code of its excerpts so far
+    for block in DOC_BLOCKS:
+        if block.language != "python" or not block.marker.startswith("<!-- file: "):
+            continue
+        file = block.marker.removeprefix("<!-- file: ").removesuffix(" -->")
+        imports = imported_names((ROOT / file).read_text())
+        shown = seen.get(file, "") + block.code
+        seen[file] = shown
+        missing = sorted(name for name in used_names(block.code) & set(imports) if imports[name] not in shown)
+        if missing:
+            problems.append(f"line {block.line}: uses {missing} without {[imports[n] for n in missing]}")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_file_refers_to_a_document_that_is_not_in_the_repository() -> None:
+    """Every ``*.md`` a tracked file names is in the repository, and nothing points outside it.
+
+    A path (``docs/rl-math.md``, ``../README.md``) must resolve from the file's folder, one above it or the
+    root; a bare name (``DEMO.md``) must be the name of a tracked file.
+    """
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    basenames = {Path(name).name for name in tracked}
+    outside = "../" + "shared"  # spelled in two parts so that this file does not match itself
+    broken = []
+    for name in tracked:
+        path = ROOT / name
+        if not path.is_file() or path.suffix not in TEXT_SUFFIXES:
+            continue
+        text = path.read_text()
+        if outside in text:
+            broken.append(f"{name} refers to {outside}, outside the repository")
+        for target in set(re.findall(r"(?<![\w/.-])((?:\.\./|[\w-]+/)*[\w-]+\.md)\b", text)):
+            if "/" not in target:
+                found = target in basenames
+            else:
+                folders = [f for f in [path.parent, *path.parent.parents] if f == ROOT or ROOT in f.parents]
+                found = any((folder / target).exists() for folder in folders)
+            if not found:
+                broken.append(f"{name} refers to {target}")
+    assert not broken, "\n".join(sorted(broken))
