@@ -5,6 +5,10 @@ group ``art``::
 
     [project.entry-points.art]
     mybackend = "my_package.plugin"
+
+Only functions marked ``@hookimpl`` are hooks; an ``art_*`` function without it, a name that is not one of the
+hooks below, or a module that fails to import is reported by ``art backends`` with the fix, and the plugin is
+skipped while every other plugin keeps working.
 """
 
 from __future__ import annotations
