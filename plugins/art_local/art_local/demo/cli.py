@@ -34,6 +34,14 @@ import click
     help="RL learning rate [default: the size's recipe].",
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda when present, else cpu].")
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "hf", "vllm"]),
+    default="auto",
+    show_default=True,
+    help="Inference engine: vllm (LoRA; its interpreter is $ART_VLLM_PYTHON, else this one; on CPU only "
+    "--model-size small), hf (transformers), auto (vllm on a CUDA machine that has it, else hf).",
+)
 @click.option("--no-progress", is_flag=True, help="No rollout progress bars (the table still prints).")
 def demo(
     steps: int | None,
@@ -42,6 +50,7 @@ def demo(
     output: Path,
     learning_rate: float | None,
     device: str | None,
+    engine: str,
     no_progress: bool,
 ) -> None:
     """Train a tiny model with RL to sort three letters, end to end on this machine, and show it learn."""
@@ -54,6 +63,7 @@ def demo(
         output=output,
         learning_rate=learning_rate,
         device=device,
+        engine="vllm" if engine == "vllm" else "hf" if engine == "hf" else "auto",
         progress=not no_progress,
     )
     asyncio.run(run_demo(config))

@@ -118,7 +118,7 @@ class VLLMEngine:
         self.config = config or VLLMEngineConfig()
         self._process: VLLMProcess | None = None
         self._served: dict[str, _Served] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # resolve lists the served names while holding it
         self._start_lock = asyncio.Lock()
 
     async def _ensure_process(self, base_model: str) -> VLLMProcess:

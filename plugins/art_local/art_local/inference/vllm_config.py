@@ -100,7 +100,7 @@ def for_trainer(config: VLLMEngineConfig | None, *, trainer_on_cuda: bool) -> VL
 
 def has_vllm(python: str) -> bool:
     """Whether ``python`` finds the ``vllm`` package (without importing it)."""
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
+    if os.path.abspath(python) == os.path.abspath(sys.executable):  # not realpath: venvs link one python
         return importlib.util.find_spec("vllm") is not None
     if not os.access(python, os.X_OK):
         return False

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -91,7 +92,10 @@ class VLLMProcess:
         self.start_seconds: float | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="art-vllm-", suffix=".log", delete=False)
         self._process: subprocess.Popen[bytes] | None = None
-        self._client: httpx.AsyncClient | None = None
+        # one connection pool per event loop that talks to vLLM (an AsyncClient is bound to its loop): the HTTP
+        # server's loop carries every rollout, the caller's loop the adapter loads and sleep/wake
+        self._clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        self._clients_lock = threading.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -100,10 +104,24 @@ class VLLMProcess:
 
     @property
     def client(self) -> httpx.AsyncClient:
-        """The one HTTP client (connection pool) every request to vLLM goes through."""
-        if self._client is None:
-            raise RuntimeError("the vLLM process has not started; await start() first")
-        return self._client
+        """The HTTP client (connection pool) of the running event loop, made on its first request."""
+        loop = asyncio.get_running_loop()
+        with self._clients_lock:
+            client = self._clients.get(loop)
+            if client is None:
+                client = httpx.AsyncClient(
+                    base_url=self.url,
+                    headers={"Authorization": f"Bearer {self.api_key}"},
+                    timeout=httpx.Timeout(self.config.request_timeout_s, connect=10.0),
+                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+                )
+                self._clients[loop] = client
+            return client
+
+    def clients_made(self) -> int:
+        """How many HTTP clients exist (one per event loop that has talked to vLLM)."""
+        with self._clients_lock:
+            return len(self._clients)
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines vLLM printed."""
@@ -134,18 +152,12 @@ class VLLMProcess:
         """Launch vLLM and wait for ``/health``; on failure the error carries vLLM's output and the fix."""
         started = time.monotonic()
         self._process = await asyncio.to_thread(self._launch)
-        self._client = httpx.AsyncClient(
-            base_url=self.url,
-            headers={"Authorization": f"Bearer {self.api_key}"},
-            timeout=httpx.Timeout(self.config.request_timeout_s, connect=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-        )
         deadline = started + self.config.start_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 await self._fail(f"vLLM exited with code {self._process.returncode} while starting")
             with contextlib.suppress(httpx.TransportError):
-                if (await self._client.get("/health", timeout=5.0)).status_code == 200:
+                if (await self.client.get("/health", timeout=5.0)).status_code == 200:
                     self.start_seconds = time.monotonic() - started
                     return
             await asyncio.sleep(0.5)
@@ -209,12 +221,23 @@ class VLLMProcess:
         """What vLLM's ``/is_sleeping`` says."""
         return bool((await self.request("GET", "/is_sleeping", timeout_s=30.0))["is_sleeping"])
 
+    async def _close_clients(self) -> None:
+        with self._clients_lock:
+            clients, self._clients = self._clients, {}
+        here = asyncio.get_running_loop()
+        for loop, client in clients.items():
+            if loop is here:
+                await client.aclose()
+            elif loop.is_running():  # the HTTP server's loop: close its pool there, briefly
+                done = asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.wrap_future(done), 5.0)
+            # a loop that has stopped took its connections with it
+
     async def stop(self) -> None:
         """SIGTERM vLLM's process group (its engine workers too), SIGKILL after 30 s; remove the log."""
         process, self._process = self._process, None
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await self._close_clients()
         if process is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
