@@ -22,7 +22,7 @@ from art_core.testing.probes import (
 )
 from art_core.testing.suite import PROMPTS, SuiteBase
 
-SAMPLES = 24  # one-token completions per round
+SAMPLES = 16  # one-token completions per round
 LOGPROB_TOLERANCE = 0.02  # batching may change the last float digits of a logprob, never more
 DIRECTION_RULE = (
     "train() moves the served policy toward what the batch rewards and away from what it penalises"
