@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from art_core.train_options import BALANCE_FIX, check_number
+
 if TYPE_CHECKING:
     from art_core.trajectories import TrajectoryGroup
 
@@ -63,12 +65,8 @@ def batch_advantages(groups: Iterable[TrajectoryGroup], *, scale_rewards: bool =
 
 
 def check_advantage_balance(advantage_balance: float) -> float:
-    """Raise ValueError unless ``advantage_balance`` lies in [−1, 1]."""
-    if not -1.0 <= advantage_balance <= 1.0:
-        raise ValueError(
-            f"advantage_balance={advantage_balance} is outside [-1, 1]; use b > 0 to damp negative advantages "
-            "and b < 0 to damp positive ones"
-        )
+    """Raise ValueError unless ``advantage_balance`` is a finite number in [−1, 1] (the check ``TrainOptions`` makes)."""
+    check_number("advantage_balance", advantage_balance, at_least=-1.0, at_most=1.0, fix=BALANCE_FIX)
     return advantage_balance
 
 

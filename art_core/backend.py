@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from art_core.results import TrainResult
+from art_core.train_options import COMMON_TRAIN_DEFAULTS, ImportanceSamplingLevel
 
 if TYPE_CHECKING:
     from art_core.model import Model, TrainableModel
     from art_core.trajectories import TrajectoryGroup
 
-ImportanceSamplingLevel: TypeAlias = Literal["token", "sequence", "average", "geometric_average"]
-
-# The defaults of the options every TrainableBackend shares (docs/architecture.md §5); the conformance kit checks
-# that each backend's train() keeps them.
-COMMON_TRAIN_DEFAULTS: dict[str, object] = {
-    "learning_rate": 5e-6,
-    "ppo": False,
-    "epsilon": None,
-    "epsilon_high": None,
-    "advantage_balance": 0.0,
-    "scale_rewards": True,
-    "importance_sampling_level": "token",
-}
+# Re-exported: the types and defaults of the options every TrainableBackend shares live in train_options.
+__all__ = ["COMMON_TRAIN_DEFAULTS", "Backend", "ImportanceSamplingLevel", "TrainableBackend"]
 
 
 @runtime_checkable

@@ -19,12 +19,13 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING
 
-from art_core.advantages import check_advantage_balance, group_advantages, is_trainable_group, normalize_batch
+from art_core.advantages import group_advantages, is_trainable_group, normalize_batch
 from art_core.backend import ImportanceSamplingLevel
 from art_core.results import TrainResult
 from art_core.testing.strict_server import StrictServer
+from art_core.train_options import TrainOptions
 from art_core.trajectories import TrajectoryGroup, check_groups, is_choice
 
 if TYPE_CHECKING:
@@ -61,20 +62,6 @@ def _parse_token_id(token: str, where: str) -> int:
     if token_id >= VOCAB_SIZE:
         raise ValueError(f"{where}: token id {token_id} is outside the vocabulary of {VOCAB_SIZE}")
     return token_id
-
-
-def _check_number(name: str, value: object, *, low: float | None = None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number, not {value!r}")
-    if low is not None and value <= low:
-        raise ValueError(f"{name}={value} must be greater than {low}")
-
-
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -178,33 +165,33 @@ class StrictBackend:
         importance_sampling_level: ImportanceSamplingLevel = "token",
     ) -> TrainResult:
         """One policy-gradient step of the letter policy (CISPO by default, PPO with ``ppo=True``)."""
+        options = TrainOptions(
+            learning_rate=learning_rate,
+            ppo=ppo,
+            epsilon=epsilon,
+            epsilon_high=epsilon_high,
+            advantage_balance=advantage_balance,
+            scale_rewards=scale_rewards,
+            importance_sampling_level=importance_sampling_level,
+        )
         started = time.perf_counter()
-        _check_number("learning_rate", learning_rate, low=0.0)
-        _check_bool("ppo", ppo)
-        _check_bool("scale_rewards", scale_rewards)
-        _check_number("epsilon", epsilon, low=0.0, allow_none=True)
-        _check_number("epsilon_high", epsilon_high, low=0.0, allow_none=True)
-        _check_number("advantage_balance", advantage_balance)
-        check_advantage_balance(advantage_balance)
-        if importance_sampling_level not in get_args(ImportanceSamplingLevel):
-            raise ValueError(
-                f"importance_sampling_level={importance_sampling_level!r}; use one of {get_args(ImportanceSamplingLevel)}"
-            )
         if self._models.get(model.name) is not model:
             raise ValueError(
                 f"model {model.name!r} is not registered with this backend; await model.register(backend)"
             )
         groups = check_groups(trajectory_groups)
-        samples = self._samples(groups, scale_rewards)
+        samples = self._samples(groups, options.scale_rewards)
         checkpoints = self._checkpoints(model.name)
         step = max(checkpoints)
         logits = list(checkpoints[step])
-        eps_low = epsilon if epsilon is not None else (0.2 if ppo else 1.0)
-        eps_high = epsilon_high if epsilon_high is not None else (eps_low if ppo else 4.0)
+        eps_low = options.epsilon if options.epsilon is not None else (0.2 if options.ppo else 1.0)
+        eps_high = (
+            options.epsilon_high if options.epsilon_high is not None else (eps_low if options.ppo else 4.0)
+        )
         normalized = normalize_batch(
             [s.advantage for s in samples],
             [len(s.token_ids) for s in samples],
-            advantage_balance=advantage_balance,
+            advantage_balance=options.advantage_balance,
         )
         probs = softmax(logits)
         total_tokens = sum(len(s.token_ids) for s in samples)
@@ -218,9 +205,9 @@ class StrictBackend:
             ]
             sequence_ratio = math.exp(math.fsum(deltas) / len(deltas))
             for token, delta in zip(sample.token_ids, deltas, strict=True):
-                ratio = _importance_ratio(math.exp(delta), sequence_ratio, importance_sampling_level)
+                ratio = _importance_ratio(math.exp(delta), sequence_ratio, options.importance_sampling_level)
                 clipped = min(max(ratio, 1 - eps_low), 1 + eps_high)
-                if ppo:
+                if options.ppo:
                     active = ratio * advantage <= clipped * advantage  # the unclipped branch is the minimum
                     coefficient = ratio * advantage if active else 0.0
                     loss -= min(ratio * advantage, clipped * advantage) * weight
@@ -231,7 +218,9 @@ class StrictBackend:
                     gradient[index] += coefficient * weight * ((index == token) - probs[index])
         scale = 1.0 / (total_tokens + 1e-6)
         grad_norm = math.sqrt(math.fsum((g * scale) ** 2 for g in gradient))
-        new_logits = [value + learning_rate * g * scale for value, g in zip(logits, gradient, strict=True)]
+        new_logits = [
+            value + options.learning_rate * g * scale for value, g in zip(logits, gradient, strict=True)
+        ]
         with self.storage.lock:
             checkpoints[step + 1] = new_logits
         entropy = -math.fsum(p * math.log(p) for p in probs if p > 0)
@@ -239,7 +228,7 @@ class StrictBackend:
             "loss/train": loss * scale,
             "loss/entropy": entropy,
             "loss/grad_norm": grad_norm,
-            "loss/learning_rate": float(learning_rate),
+            "loss/learning_rate": float(options.learning_rate),
             "data/step_num_groups_submitted": float(len(groups)),
             "data/step_num_groups_trainable": float(
                 sum(is_trainable_group([t.reward for t in g.trajectories]) for g in groups)
