@@ -88,7 +88,10 @@ def create_app(config: ServerConfig, *, on_ready: Callable[[ServerState], None] 
         await asyncio.to_thread(host.start)
         runner = JobRunner(store, host)
         timeout = httpx.Timeout(config.inference_timeout, connect=10.0)
-        async with httpx.AsyncClient(timeout=timeout) as proxy:
+        # rollouts come hundreds at a time: httpx's default pool (100 connections, 20 kept alive) queued them
+        # and reopened connections for every burst
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=512)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as proxy:
             state = ServerState(config, store, host, runner, proxy)
             app.state.art = state
             for job in await run_db(store.recover):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
 import httpx
@@ -147,6 +148,12 @@ async def list_models(request: Request) -> dict[str, Any]:
     return models_list([(row.entity, row.project, row.name, steps) for row, steps in models])
 
 
+async def _client_left(request: Request) -> None:
+    """Return once the client has disconnected (its body was read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @router.post("/chat/completions")
 async def chat_completions(body: dict[str, Any], request: Request) -> Response:
     """OpenAI ``/v1/chat/completions``, relayed to the backend's endpoint with the model name mapped."""
@@ -163,8 +170,20 @@ async def chat_completions(body: dict[str, Any], request: Request) -> Response:
     steps = await run_db(state.store.checkpoint_steps, row.id)
     base_url, api_key, names = await state.host.inference_target(row, step, steps)
     names = ModelNames(names.upstream, public, {**names.aliases, names.upstream: public})
+    relay = asyncio.ensure_future(
+        forward_chat(state.proxy, base_url=base_url, api_key=api_key, body=body, names=names)
+    )
+    gone = asyncio.ensure_future(_client_left(request))
     try:
-        return await forward_chat(state.proxy, base_url=base_url, api_key=api_key, body=body, names=names)
+        await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not relay.done():  # the client left: closing the upstream request cancels the backend's work
+            relay.cancel()
+    if not relay.done() or relay.cancelled():
+        raise ApiError(499, "the client closed the connection", "invalid_request_error")
+    try:
+        return relay.result()
     except httpx.TransportError as error:
         raise ApiError(
             502,
