@@ -275,3 +275,50 @@ async def test_transformers_engine_on_gpu_matches_a_full_forward() -> None:
     )
     assert torch.allclose(torch.tensor(completion.logprobs), expected.squeeze(-1).cpu(), atol=1e-4)
     await engine.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_VLLM_GPU, reason="needs a CUDA GPU and vllm")
+async def test_on_one_gpu_vllm_sleeps_during_train_freeing_memory_and_wakes_after(tmp_path: Path) -> None:
+    import asyncio
+
+    import art_core as art
+    from art_local import LocalBackend
+    from art_local.inference.vllm import VLLMEngine
+    from art_local.training import TrainerConfig
+
+    backend = LocalBackend(
+        str(tmp_path / "art"), device="cuda", engine="vllm", trainer_config=TrainerConfig(lora_rank=8)
+    )
+    model = art.TrainableModel(name="agent", project="p", base_model=str(build_tiny_model("small")))
+    await model.register(backend)
+    await backend._prepare_backend_for_training(model)
+    assert backend._service is not None and isinstance(backend._service.engine, VLLMEngine)
+    process = backend._service.engine.process
+    assert process.sleeps  # the trainer is on the GPU: sleep_during_train defaulted to True
+    awake_free = torch.cuda.mem_get_info()[0]
+    messages: Any = [{"role": "user", "content": "hi"}]
+    response = await model.openai_client().chat.completions.create(
+        model="agent", messages=messages, n=4, max_tokens=8, logprobs=True, seed=0
+    )
+    group = art.TrajectoryGroup(
+        art.Trajectory(messages_and_choices=[*messages, c], reward=float(i))
+        for i, c in enumerate(response.choices)
+    )
+    asleep_free: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            if await process.is_sleeping():
+                asleep_free.append(torch.cuda.mem_get_info()[0])
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.create_task(watch())
+    await backend.train(model, [group], learning_rate=1e-3)
+    watcher.cancel()
+    assert (
+        asleep_free and max(asleep_free) > awake_free + 256 * 2**20
+    )  # the KV cache and weights left the GPU
+    assert not await process.is_sleeping()
+    assert (await model.openai_client().models.list()).data
+    await backend.close()

@@ -235,7 +235,8 @@ class VLLMProcess:
             # a loop that has stopped took its connections with it
 
     async def stop(self) -> None:
-        """SIGTERM vLLM's process group (its engine workers too), SIGKILL after 30 s; remove the log."""
+        """SIGTERM vLLM's process group (its engine workers too), then SIGKILL what is left of it after the
+        server exits or 30 s pass; remove the log."""
         process, self._process = self._process, None
         await self._close_clients()
         if process is not None:
@@ -244,9 +245,11 @@ class VLLMProcess:
             try:
                 await asyncio.to_thread(process.wait, 30.0)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                await asyncio.to_thread(process.wait, 10.0)
+                pass
+            # the group outlives a leader that was killed (its EngineCore): nothing of it may stay behind
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await asyncio.to_thread(process.wait, 10.0)
         self._log.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._log.name)
