@@ -41,6 +41,7 @@ class LoadPlan:
     cancel_fraction: float = 0.1  # requests the client abandons after a random delay
     cancel_after_s: tuple[float, float] = (0.001, 0.5)
     request_timeout_s: float = 120.0  # an answer later than this counts as a hang
+    ignore_eos: bool = False  # sample exactly max_tokens (vLLM's extension; benchmarks)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -120,6 +121,8 @@ def _requests(plan: LoadPlan, models: Sequence[str]) -> list[_Request]:
             "n": rng.choice(plan.n),
             "logprobs": rng.random() < 0.5,
         }
+        if plan.ignore_eos:
+            body["ignore_eos"] = True
         if rng.random() < plan.stop_fraction:
             body["stop"] = rng.sample(["a", "b", " c", "\n"], k=rng.randint(1, 2))
         cancel = rng.uniform(*plan.cancel_after_s) if rng.random() < plan.cancel_fraction else None
