@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import get_args
 
 import art_core as art
-from art_core.advantages import check_advantage_balance, group_advantages, is_trainable_group, normalize_batch
-from art_core.trajectories import check_groups, is_choice
+from art_core.plugin_api import (
+    TrainOptions,
+    check_groups,
+    check_number,
+    group_advantages,
+    is_choice,
+    is_trainable_group,
+    normalize_batch,
+)
 
 from art_bigram import policy, storage
 from art_bigram.server import InferenceServer, Sampled
@@ -105,23 +110,35 @@ class BigramBackend:
         verbose: bool = False,
     ) -> art.TrainResult:
         """One policy-gradient step; returns the new step and its metrics (log them with ``model.log``)."""
+        options = TrainOptions(  # art_core checks the common options, the same way for every backend
+            learning_rate=learning_rate,
+            ppo=ppo,
+            epsilon=epsilon,
+            epsilon_high=epsilon_high,
+            advantage_balance=advantage_balance,
+            scale_rewards=scale_rewards,
+            importance_sampling_level=importance_sampling_level,
+        )
+        check_number("max_grad_norm", max_grad_norm, above=0.0, allow_none=True)  # and a backend's own ones
         started = time.monotonic()
-        check_advantage_balance(advantage_balance)
-        check_options(learning_rate, epsilon, epsilon_high, importance_sampling_level, max_grad_norm)
         groups = check_groups(trajectory_groups)
         if self._models.get(model.name) is not model:
             raise ValueError(f"model {model.name!r} is not registered here; `await model.register(backend)`")
-        completions = to_completions(groups, scale_rewards=scale_rewards, advantage_balance=advantage_balance)
-        loss = policy.LossConfig(ppo, epsilon, epsilon_high, importance_sampling_level)
+        completions = to_completions(
+            groups, scale_rewards=options.scale_rewards, advantage_balance=options.advantage_balance
+        )
+        loss = policy.LossConfig(
+            options.ppo, options.epsilon, options.epsilon_high, options.importance_sampling_level
+        )
         lock = self._locks.setdefault(model.name, asyncio.Lock())
         async with lock:  # one step at a time per model: each reads step N and writes N + 1
             step, loss_value, grad_norm, tokens = await asyncio.to_thread(
-                train_step, checkpoint_dir(model), completions, loss, learning_rate, max_grad_norm
+                train_step, checkpoint_dir(model), completions, loss, options.learning_rate, max_grad_norm
             )
         metrics = {
             "loss/train": loss_value,
             "loss/grad_norm": grad_norm,
-            "loss/learning_rate": float(learning_rate),
+            "loss/learning_rate": float(options.learning_rate),
             "data/step_num_groups_submitted": float(len(groups)),
             "data/step_num_groups_trainable": float(
                 sum(is_trainable_group([t.reward for t in group.trajectories]) for group in groups)
@@ -154,30 +171,6 @@ def train_step(
     updated, grad_norm = policy.ascend(table, gradient_CV, learning_rate, max_grad_norm)
     storage.save(directory, step + 1, updated)  # no signal still advances the step, with the same weights
     return step + 1, loss_value, grad_norm, tokens
-
-
-def check_options(
-    learning_rate: float,
-    epsilon: float | None,
-    epsilon_high: float | None,
-    importance_sampling_level: str,
-    max_grad_norm: float | None,
-) -> None:
-    """Refuse option values that cannot train, naming the value and the fix."""
-    if not (math.isfinite(learning_rate) and learning_rate > 0):
-        raise ValueError(f"learning_rate={learning_rate} must be a positive finite number")
-    for name, value in (
-        ("epsilon", epsilon),
-        ("epsilon_high", epsilon_high),
-        ("max_grad_norm", max_grad_norm),
-    ):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name}={value} must be a positive finite number or None")
-    if importance_sampling_level not in get_args(art.ImportanceSamplingLevel):
-        raise ValueError(
-            f"importance_sampling_level={importance_sampling_level!r}; use one of "
-            f"{get_args(art.ImportanceSamplingLevel)}"
-        )
 
 
 def to_completions(

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import sys
 import time
 import warnings
 from collections.abc import Iterable
-from typing import Any, get_args
+from typing import Any
 
 import httpx
 from tqdm.auto import tqdm
 
-from art_core.advantages import check_advantage_balance
-from art_core.backend import ImportanceSamplingLevel
 from art_core.model import Model, TrainableModel
+from art_core.plugin_api import ImportanceSamplingLevel, TrainOptions, check_flag, check_groups, check_number
 from art_core.results import ServerlessTrainResult
-from art_core.trajectories import TrajectoryGroup, check_groups
+from art_core.trajectories import TrajectoryGroup
 from art_serverless import wire
 from art_serverless.metrics import step_metrics, train_metrics
 from art_serverless.transport import ApiClient, RetryPolicy, ServerlessAPIError
@@ -50,71 +48,35 @@ class TrainingStalledError(TimeoutError):
         )
 
 
-def _finite(name: str, value: float | None, *, positive: bool = False, minimum: float | None = None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value) or (positive and value <= 0) or (minimum is not None and value < minimum):
-        need = (
-            "a positive finite number"
-            if positive
-            else f"a finite number ≥ {minimum}"
-            if minimum is not None
-            else "finite"
-        )
-        raise ValueError(f"{name}={value} is invalid; it must be {need}")
-
-
-def _flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, not {value!r}")
-    return value
-
-
 def experimental_config(
+    common: TrainOptions,
     *,
-    learning_rate: float,
-    ppo: bool,
-    epsilon: float | None,
-    epsilon_high: float | None,
-    advantage_balance: float,
-    scale_rewards: bool,
-    importance_sampling_level: ImportanceSamplingLevel,
     max_negative_advantage_importance_sampling_weight: float | None,
     mask_prob_ratio: bool,
     kimi_k2_tau: float | None,
     precalculate_logprobs: bool,
 ) -> dict[str, Any]:
-    """The ``experimental_config`` body of a job, after checking every value (nothing is sent when one is bad)."""
-    _finite("learning_rate", learning_rate, positive=True)
-    _finite("epsilon", epsilon, minimum=0.0)
-    _finite("epsilon_high", epsilon_high, minimum=0.0)
-    _finite("advantage_balance", advantage_balance)
-    check_advantage_balance(advantage_balance)
-    _finite(
+    """The ``experimental_config`` body of a job: the checked common options, then the serverless ones, each
+    checked here too (nothing is sent when one is bad)."""
+    check_number(
         "max_negative_advantage_importance_sampling_weight",
         max_negative_advantage_importance_sampling_weight,
-        positive=True,
+        above=0.0,
+        allow_none=True,
     )
-    _finite("kimi_k2_tau", kimi_k2_tau)
-    levels = get_args(ImportanceSamplingLevel)
-    if importance_sampling_level not in levels:
-        raise ValueError(
-            f"importance_sampling_level={importance_sampling_level!r} is not one of {', '.join(levels)}"
-        )
+    check_number("kimi_k2_tau", kimi_k2_tau, allow_none=True)
     config: dict[str, Any] = {
-        "learning_rate": float(learning_rate),
-        "ppo": _flag("ppo", ppo),
-        "epsilon": epsilon,
-        "epsilon_high": epsilon_high,
-        "advantage_balance": float(advantage_balance),
-        "scale_rewards": _flag("scale_rewards", scale_rewards),
-        "importance_sampling_level": importance_sampling_level,
+        "learning_rate": float(common.learning_rate),
+        "ppo": common.ppo,
+        "epsilon": common.epsilon,
+        "epsilon_high": common.epsilon_high,
+        "advantage_balance": float(common.advantage_balance),
+        "scale_rewards": common.scale_rewards,
+        "importance_sampling_level": common.importance_sampling_level,
         "max_negative_advantage_importance_sampling_weight": max_negative_advantage_importance_sampling_weight,
-        "mask_prob_ratio": _flag("mask_prob_ratio", mask_prob_ratio),
+        "mask_prob_ratio": check_flag("mask_prob_ratio", mask_prob_ratio),
         "kimi_k2_tau": kimi_k2_tau,
-        "precalculate_logprobs": _flag("precalculate_logprobs", precalculate_logprobs),
+        "precalculate_logprobs": check_flag("precalculate_logprobs", precalculate_logprobs),
     }
     assert tuple(config) == wire.EXPERIMENTAL_CONFIG_KEYS
     return config
@@ -158,7 +120,7 @@ class ServerlessBackend:
             ("poll_interval", poll_interval),
             ("no_progress_timeout", no_progress_timeout),
         ):
-            _finite(name, value, positive=True)
+            check_number(name, value, above=0.0)
         self.base_url = base_url
         self.api_key = api_key
         self._poll_interval = poll_interval
@@ -297,10 +259,7 @@ class ServerlessBackend:
 
         Never logs: call ``model.log(groups, metrics=result.metrics, step=result.step)`` yourself.
         """
-        groups = check_groups(trajectory_groups)
-        if not groups:
-            raise ValueError("trajectory_groups is empty; gather at least one TrajectoryGroup before train()")
-        config = experimental_config(
+        common = TrainOptions(
             learning_rate=learning_rate,
             ppo=ppo,
             epsilon=epsilon,
@@ -308,6 +267,12 @@ class ServerlessBackend:
             advantage_balance=advantage_balance,
             scale_rewards=scale_rewards,
             importance_sampling_level=importance_sampling_level,
+        )
+        groups = check_groups(trajectory_groups)
+        if not groups:
+            raise ValueError("trajectory_groups is empty; gather at least one TrajectoryGroup before train()")
+        config = experimental_config(
+            common,
             max_negative_advantage_importance_sampling_weight=max_negative_advantage_importance_sampling_weight,
             mask_prob_ratio=mask_prob_ratio,
             kimi_k2_tau=kimi_k2_tau,

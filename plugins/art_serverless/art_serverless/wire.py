@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from art_core.backend import ImportanceSamplingLevel
+from art_core.plugin_api import COMMON_TRAIN_DEFAULTS, ImportanceSamplingLevel, TrainOptions
 
 DEFAULT_BASE_URL = "https://api.training.wandb.ai/v1"
 ARTIFACT_SCHEME = "wandb-artifact:///"
@@ -74,8 +74,9 @@ class _Record(pydantic.BaseModel):
 class ExperimentalConfig(_Body):
     """Training options of one job; ``None`` means "the server's default".
 
-    The bounds are those ``ServerlessBackend.train`` checks before sending, so a client that skips them gets a
-    422 naming the option rather than a job that trains on garbage.
+    The bounds are those ``ServerlessBackend.train`` checks before sending (the common options through
+    ``art_core``'s ``TrainOptions``, the same check), so a client that skips them gets a 422 naming the option
+    rather than a job that trains on garbage.
     """
 
     learning_rate: float | None = pydantic.Field(default=None, gt=0.0, allow_inf_nan=False)
@@ -91,6 +92,12 @@ class ExperimentalConfig(_Body):
     mask_prob_ratio: bool | None = None
     kimi_k2_tau: float | None = pydantic.Field(default=None, allow_inf_nan=False)
     precalculate_logprobs: bool | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _common_options_as_every_backend_checks_them(self) -> ExperimentalConfig:
+        given = self.options()
+        TrainOptions(**{key: given[key] for key in COMMON_TRAIN_DEFAULTS if key in given})
+        return self
 
     def options(self) -> dict[str, Any]:
         """The options that were given (non-None), as ``train()`` keyword arguments."""
