@@ -179,3 +179,39 @@ async def test_train_and_register_raise_the_engines_failure(tmp_path: Path, tiny
             await other.register(backend)
     finally:
         await backend.close()
+
+
+async def test_heavy_requests_leave_the_event_loop_free(service: InferenceService) -> None:
+    """A huge prompt is refused before tokenizing, and a big request does not stop /health from answering."""
+    headers = {"Authorization": f"Bearer {service.api_key}"}
+    root = service.base_url.removesuffix("/v1")
+    async with httpx.AsyncClient(timeout=120) as http:
+        huge = {
+            "model": "agent",
+            "messages": [{"role": "user", "content": "abc " * 3_500_000}],
+            "max_tokens": 1,
+        }
+        refused = await http.post(f"{service.base_url}/chat/completions", json=huge, headers=headers)
+        assert refused.status_code == 400 and "at least" in refused.json()["error"]["message"]
+        assert refused.json()["error"]["param"] == "messages"
+
+        big = {
+            "model": "agent",
+            "messages": USER,
+            "n": 32,
+            "max_tokens": 96,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "ignore_eos": True,
+        }
+        work = asyncio.create_task(
+            http.post(f"{service.base_url}/chat/completions", json=big, headers=headers)
+        )
+        answered_during = 0
+        while not work.done():
+            health = await http.get(f"{root}/health")
+            assert health.status_code == 200
+            answered_during += not work.done()
+            await asyncio.sleep(0.05)
+        assert (await work).status_code == 200
+        assert answered_during >= 3, "/health did not answer while the big request was served"
