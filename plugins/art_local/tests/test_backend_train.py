@@ -183,8 +183,11 @@ async def test_learning_rate_and_its_reward_std_scaling_reach_the_optimizer(
         await _model(backend, tiny_model_dir, n) for n in ("frozen", "moving", "scaled")
     ]
     start = _weights(backend, frozen)
-    await backend.train(frozen, sort_groups(2), learning_rate=0.0)
-    assert not _changed(start, _weights(backend, frozen))
+    with pytest.raises(
+        ValueError, match=r"learning_rate=0\.0 is invalid: learning_rate must be a finite number and > 0"
+    ):
+        await backend.train(frozen, sort_groups(2), learning_rate=0.0)
+    assert not _changed(start, _weights(backend, frozen)) and await backend._get_step(frozen) == 0
     plain = await backend.train(moving, sort_groups(2), learning_rate=1e-2)
     result = await backend.train(
         scaled, sort_groups(2), learning_rate=1e-2, scale_learning_rate_by_reward_std_dev=True

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from art_core.backend import ImportanceSamplingLevel
+from art_core.plugin_api import ADAMW, ImportanceSamplingLevel
 from art_core.trajectories import TrajectoryGroup
 from art_tinker.datums import missing_logprobs, to_datums
 from art_tinker.rl_loss import custom_loss
@@ -24,8 +24,14 @@ if TYPE_CHECKING:
     from art_local.training.batch import PreparedBatch
     from art_local.training.loss import LossConfig
 
-# AdamW as art-local's TrainerConfig defaults, so both backends take the same optimizer step.
-ADAM = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "grad_clip_norm": 1.0}
+# art_core's shared AdamW defaults (art-local's TrainerConfig takes the same), so both backends take the same step.
+ADAM = {
+    "beta1": ADAMW.betas[0],
+    "beta2": ADAMW.betas[1],
+    "eps": ADAMW.eps,
+    "weight_decay": ADAMW.weight_decay,
+    "grad_clip_norm": ADAMW.max_grad_norm or 0.0,  # Tinker's 0 means no clipping
+}
 
 
 def load_tokenizer(base_model: str) -> tuple[Any, int]:

@@ -41,10 +41,10 @@ async def test_the_same_batch_gives_the_same_loss_at_step_0(
     await local_backend.register(local_model)  # training only: no inference server needed
     losses = []
     try:
-        for options in OPTIONS:  # learning_rate=0 keeps both at the base weights: every call is "step 0"
-            via_tinker = await tinker_backend.train(tinker_model, groups, learning_rate=0.0, **options)
+        for options in OPTIONS:  # a ~1e-30 AdamW step leaves both at the base weights: "step 0"
+            via_tinker = await tinker_backend.train(tinker_model, groups, learning_rate=1e-30, **options)
             via_local = await local_backend.train(
-                local_model, groups, learning_rate=0.0, save_checkpoint=False, **options
+                local_model, groups, learning_rate=1e-30, save_checkpoint=False, **options
             )
             assert (
                 via_tinker.metrics["data/step_trainer_tokens"]

@@ -7,11 +7,15 @@ nothing (their values may be anything finite or NaN). The loopback Tinker server
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import get_args
 
 import torch
 
-from art_core.backend import ImportanceSamplingLevel
+from art_core.plugin_api import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    ImportanceSamplingLevel,
+    check_choice,
+    check_number,
+)
 
 PPO_EPSILON = 0.2
 CISPO_EPSILON = 1.0
@@ -37,21 +41,13 @@ class LossConfig:
     truncated_importance_sampling: float | None = None
 
     def __post_init__(self) -> None:
-        levels = get_args(ImportanceSamplingLevel)
-        if self.importance_sampling_level not in levels:
-            raise ValueError(
-                f"importance_sampling_level={self.importance_sampling_level!r}; use one of {levels}"
-            )
-        for name in ("epsilon", "epsilon_high"):
-            value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise ValueError(f"{name}={value} must be >= 0 (or None for the default)")
+        check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        check_number("epsilon", self.epsilon, at_least=0.0, allow_none=True)
+        check_number("epsilon_high", self.epsilon_high, at_least=0.0, allow_none=True)
         for name in ("max_negative_advantage_importance_sampling_weight", "truncated_importance_sampling"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name}={value} must be > 0 (or None to turn it off)")
-        if not self.kl_penalty_coef >= 0:
-            raise ValueError(f"kl_penalty_coef={self.kl_penalty_coef} must be >= 0")
+            check_number(name, getattr(self, name), above=0.0, allow_none=True)
+        check_number("kimi_k2_tau", self.kimi_k2_tau, allow_none=True)
+        check_number("kl_penalty_coef", self.kl_penalty_coef, at_least=0.0)
 
     def clip_range(self) -> tuple[float, float]:
         """(ε, ε_high): PPO 0.2 / ε; CISPO 1.0 / 4.0 (ART), each overridable."""

@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeAlias
 
 import torch
 
+from art_core.plugin_api import ADAMW, check_number
 from art_local.training.loss import LossConfig
 
 DTypeName: TypeAlias = Literal["auto", "float32", "bfloat16", "float16"]
@@ -45,10 +46,10 @@ class TrainerConfig:
     """
 
     learning_rate: float = 5e-6
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    betas: tuple[float, float] = ADAMW.betas
+    eps: float = ADAMW.eps
+    weight_decay: float = ADAMW.weight_decay
+    max_grad_norm: float | None = ADAMW.max_grad_norm
     lora_rank: int | None = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
@@ -74,8 +75,7 @@ class TrainerConfig:
             raise ValueError(
                 f"micro_batch_rows={self.micro_batch_rows} must be positive or None (all rows at once)"
             )
-        if not self.learning_rate >= 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be a non-negative number")
+        check_number("learning_rate", self.learning_rate, above=0.0, fix="pass e.g. learning_rate=5e-6")
 
     @property
     def full_fine_tune(self) -> bool:
