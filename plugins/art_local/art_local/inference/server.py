@@ -17,12 +17,12 @@ Another plugin serves its own sampler by implementing ``art_local.inference.engi
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import logging
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -165,17 +165,19 @@ def _at_least_tokens(served: ServedModel, body: ChatCompletionRequest) -> int:
     return chars // max(longest_token_chars(served.tokenizer), 1)
 
 
-@functools.cache
-def _longest_token_chars(tokenizer: Any) -> int:
-    return max((len(t) for t in tokenizer.get_vocab()), default=1)
+_LONGEST_TOKEN: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
 def longest_token_chars(tokenizer: Any) -> int:
-    """The longest vocabulary entry, in characters (cached per tokenizer)."""
+    """The longest vocabulary entry, in characters (cached per tokenizer, which the cache does not keep alive)."""
     try:
-        return _longest_token_chars(tokenizer)
-    except TypeError:  # an unhashable tokenizer: no bound
-        return 1 << 30
+        return _LONGEST_TOKEN[tokenizer]
+    except KeyError:
+        pass
+    except TypeError:  # not weak-referenceable: measure each time
+        return max((len(t) for t in tokenizer.get_vocab()), default=1)
+    longest = _LONGEST_TOKEN[tokenizer] = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return longest
 
 
 async def _complete(engine: Engine, body: ChatCompletionRequest) -> Any:
