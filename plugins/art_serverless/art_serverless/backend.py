@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from art_core.model import Model, TrainableModel
 from art_core.plugin_api import ImportanceSamplingLevel, TrainOptions, check_flag, check_groups, check_number
 from art_core.results import ServerlessTrainResult
-from art_core.trajectories import TrajectoryGroup
+from art_core.sft import AssistantTurns, LearningRateSchedule, SFTOptions, sft_conversations
+from art_core.trajectories import Trajectory, TrajectoryGroup
 from art_serverless import wire
 from art_serverless.metrics import step_metrics, train_metrics
 from art_serverless.transport import ApiClient, RetryPolicy, ServerlessAPIError
@@ -295,6 +296,39 @@ class ServerlessBackend:
             step=step,
             metrics=train_metrics(groups, steps, final_metrics, time.monotonic() - started),
             artifact_name=f"{model.entity}/{model.project}/{model.name}:step{step}",
+        )
+
+    async def train_sft(
+        self,
+        model: TrainableModel,
+        trajectories: Iterable[Trajectory],
+        /,
+        *,
+        learning_rate: float = 1e-4,
+        epochs: int = 1,
+        batch_size: int = 8,
+        assistant_turns: AssistantTurns = "all",
+        schedule: LearningRateSchedule = "cosine",
+        warmup_ratio: float = 0.0,
+        shuffle_seed: int | None = 0,
+        verbose: bool = False,
+    ) -> ServerlessTrainResult:
+        """Submit one SFT job (art_core.sft) for ``trajectories``, follow its events, return the new step."""
+        from art_serverless.sft import train_sft
+
+        options = SFTOptions(
+            learning_rate=learning_rate,
+            epochs=epochs,
+            batch_size=batch_size,
+            assistant_turns=assistant_turns,
+            schedule=schedule,
+            warmup_ratio=warmup_ratio,
+            shuffle_seed=shuffle_seed,
+        )
+        given = list(trajectories)
+        sft_conversations(given, assistant_turns)  # refuse bad data here, before anything is sent
+        return await train_sft(
+            self, model, given, options, model_id=_require_id(model), verbose=check_flag("verbose", verbose)
         )
 
     async def _job_events(self, job_id: str, after: str | None) -> list[wire.EventRecord]:

@@ -20,6 +20,7 @@ from art_serverless.server.guard import GuardMiddleware
 from art_serverless.server.host import BackendHost
 from art_serverless.server.jobs import JobRunner
 from art_serverless.server.routes import router
+from art_serverless.server.sft_routes import sft_router
 from art_serverless.server.state import ApiError, ServerConfig, ServerState, run_db, validation_message
 from art_serverless.server.store import ConflictError, NotFoundError, Store
 
@@ -112,5 +113,6 @@ def create_app(config: ServerConfig, *, on_ready: Callable[[ServerState], None] 
     )
     _install_error_handlers(app)
     app.include_router(router)
+    app.include_router(sft_router)
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     return app

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 from art_core.backend import TrainableBackend
 from art_core.model import TrainableModel
 from art_core.results import TrainResult
-from art_core.trajectories import TrajectoryGroup
+from art_core.sft import SFTBackend
+from art_core.trajectories import Trajectory, TrajectoryGroup
 from art_serverless.server.proxy import ModelNames
 from art_serverless.server.store import ModelRow
 from art_serverless.wire import EXPERIMENTAL_CONFIG_KEYS, ExperimentalConfig, artifact_name
@@ -162,6 +163,19 @@ class BackendHost:
         """``backend.train(model, groups, **options)``."""
         model = await self.model(row)
         return await self.call(lambda backend: backend.train(model, groups, **options))
+
+    async def train_sft(
+        self, row: ModelRow, trajectories: list[Trajectory], options: Mapping[str, Any]
+    ) -> TrainResult:
+        """``backend.train_sft(model, trajectories, **options)`` (the route checked the backend has it)."""
+        model = await self.model(row)
+
+        async def work(backend: TrainableBackend) -> TrainResult:
+            if not isinstance(backend, SFTBackend):
+                raise TypeError(f"backend {self.name!r} ({type(backend).__name__}) has no train_sft()")
+            return await backend.train_sft(model, trajectories, **options)
+
+        return await self.call(work)
 
     async def step(self, row: ModelRow) -> int:
         """``backend._get_step(model)``."""

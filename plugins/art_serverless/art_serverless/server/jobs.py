@@ -16,9 +16,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from art_core.results import TrainResult
-from art_core.trajectories import TrajectoryGroup
+from art_core.sft import SFTOptions
+from art_core.trajectories import Trajectory, TrajectoryGroup
 from art_serverless.server.host import BackendHost
-from art_serverless.server.store import JobRow, Store
+from art_serverless.server.store import JobRow, ModelRow, Store
 
 logger = logging.getLogger("art_serverless.server")
 T = TypeVar("T")
@@ -84,14 +85,17 @@ class JobRunner:
     async def _run(self, job: JobRow) -> None:
         try:
             request = json.loads(job.request)
-            groups = [TrajectoryGroup.model_validate(group) for group in request["trajectory_groups"]]
             row = await _db(self._store.get_model, job.model_id)
             if await _db(self._store.note_backend_step, row.id, await self._host.step(row)):
                 logger.warning(
                     "model %s: recorded a checkpoint the store had missed before job %s", row.id, job.id
                 )
-            await _db(self._store.start_job, job.id, EXPECTED_GRADIENT_STEPS)
-            result = await self._host.train(row, groups, request["options"])
+            if request.get("kind") == "sft":
+                result = await self._run_sft(job, row, request)
+            else:
+                groups = [TrajectoryGroup.model_validate(group) for group in request["trajectory_groups"]]
+                await _db(self._store.start_job, job.id, EXPECTED_GRADIENT_STEPS)
+                result = await self._host.train(row, groups, request["options"])
             await _db(
                 self._store.finish_job, job.id, row.id, result.step, result.metrics, gradient_steps(result)
             )
@@ -101,6 +105,14 @@ class JobRunner:
         except Exception as error:
             logger.exception("training job %s failed", job.id)
             await _db(self._store.fail_job, job.id, describe(error))
+
+    async def _run_sft(self, job: JobRow, row: ModelRow, request: dict[str, Any]) -> TrainResult:
+        """A ``train_sft()`` job: ``training_started`` announces its planned optimizer steps."""
+        trajectories = [Trajectory.model_validate(item) for item in request["trajectories"]]
+        options = request["options"]
+        planned = len(SFTOptions(**options).plan(len(trajectories)))
+        await _db(self._store.start_job, job.id, planned)
+        return await self._host.train_sft(row, trajectories, options)
 
     async def join(self, model_id: str) -> None:
         """Wait until the model's queue is empty (tests, graceful drains)."""
