@@ -210,6 +210,28 @@ class IntegerMetric(StrictBackend):
         return art.TrainResult(step=result.step, metrics=metrics)
 
 
+class ClampsAnInfiniteLearningRate(StrictBackend):
+    """train() replaces a non-finite learning_rate by the default instead of refusing it."""
+
+    async def train(
+        self, model: Any, groups: Iterable[art.TrajectoryGroup], /, **options: Any
+    ) -> art.TrainResult:
+        if not math.isfinite(options.get("learning_rate", 1.0)):
+            options["learning_rate"] = 5e-6
+        return await super().train(model, groups, **options)
+
+
+class ItsOwnLearningRateMessage(StrictBackend):
+    """train() refuses learning_rate <= 0 with a message of its own (every backend's differs)."""
+
+    async def train(
+        self, model: Any, groups: Iterable[art.TrajectoryGroup], /, **options: Any
+    ) -> art.TrainResult:
+        if options.get("learning_rate", 1.0) <= 0:
+            raise ValueError(f"bad learning rate {options['learning_rate']}")
+        return await super().train(model, groups, **options)
+
+
 # mutant -> (the kit test that must fail, fragments its message must contain: the defect, then the rule)
 EXPECTED: dict[type[StrictBackend], tuple[str, tuple[str, ...]]] = {
     FrozenPolicy: (
@@ -256,6 +278,14 @@ EXPECTED: dict[type[StrictBackend], tuple[str, tuple[str, ...]]] = {
     IgnoresTheKeyOnOneRoute: (
         "test_a_wrong_or_missing_api_key_is_refused_on_every_route",
         ("GET", "/models with a wrong API key answered 200", "refuses a wrong or missing API key"),
+    ),
+    ClampsAnInfiniteLearningRate: (
+        "test_bad_common_option_values_are_refused_alike",
+        ("learning_rate=inf raised", "as art_core.TrainOptions does"),
+    ),
+    ItsOwnLearningRateMessage: (
+        "test_bad_common_option_values_are_refused_alike",
+        ("learning_rate=0.0 raised 'bad learning rate 0.0'", "the same ValueError for the same bad value"),
     ),
     AcceptsNanRewards: (
         "test_failures_surface_as_exceptions_within_a_timeout",

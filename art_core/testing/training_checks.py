@@ -15,13 +15,13 @@ import art_core as art
 from art_core.backend import COMMON_TRAIN_DEFAULTS
 from art_core.migration import train_options
 from art_core.testing.kit import Kit, violation
+from art_core.testing.option_checks import OptionChecks
 from art_core.testing.quick import (
     protocol_problems,
     result_type,
     train_signature_problems,
     unsupported_options,
 )
-from art_core.testing.suite import SuiteBase
 from art_core.trajectories import is_choice
 
 REQUIRED_METRIC_KEYS = (
@@ -61,7 +61,7 @@ def expect_refusal(
     violation(f"{defect}: train() returned without raising {error.__name__}", rule)
 
 
-class TrainingChecks(SuiteBase):
+class TrainingChecks(OptionChecks):  # the common options' bounds: option_checks.py
     def test_structure_matches_trainable_backend(self, backend: Any) -> None:
         problems = protocol_problems(type(backend))
         if problems or not isinstance(backend, art.TrainableBackend):
