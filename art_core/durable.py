@@ -48,15 +48,17 @@ def fsync_tree(directory: str | Path) -> None:
     fsync_dir(root)
 
 
-def atomic_write_with(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write_with(path: str | Path, write: Callable[[BinaryIO], object], *, mode: int = 0o644) -> Path:
     """Call ``write(handle)`` on a temp file beside ``path``, fsync it, rename it to ``path``; returns ``path``.
 
     Readers see the old file or the new one, never half of one. The parent directory is created if missing.
+    ``mode`` is the file's permission bits (0o600 for a secret), set before anything is written.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(descriptor, mode)
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
@@ -69,18 +71,14 @@ def atomic_write_with(path: str | Path, write: Callable[[BinaryIO], None]) -> Pa
     return target
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int = 0o644) -> Path:
     """Write ``data`` to ``path`` atomically and durably; returns ``path``."""
-
-    def write(handle: BinaryIO) -> None:
-        handle.write(data)
-
-    return atomic_write_with(path, write)
+    return atomic_write_with(path, lambda handle: handle.write(data), mode=mode)
 
 
-def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8") -> Path:
+def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8", mode: int = 0o644) -> Path:
     """Write ``text`` to ``path`` atomically and durably; returns ``path``."""
-    return atomic_write_bytes(path, text.encode(encoding))
+    return atomic_write_bytes(path, text.encode(encoding), mode=mode)
 
 
 def atomic_replace_dir(

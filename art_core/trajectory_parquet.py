@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from art_core.durable import atomic_write_with
 from art_core.trajectories import Trajectory, TrajectoryGroup, is_choice
 
 if TYPE_CHECKING:
@@ -173,35 +173,10 @@ def groups_to_table(groups: Sequence[TrajectoryGroup]) -> pa.Table:
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a temp file beside ``path``, fsync, then rename: readers never see half a file."""
+    """Write ``table`` durably: readers never see half a file (art_core.durable)."""
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            pq.write_table(table, handle, compression="zstd")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write_with(path, lambda handle: pq.write_table(table, handle, compression="zstd"))
 
 
 def write_trajectory_groups(groups: Sequence[TrajectoryGroup], path: str | Path) -> None:

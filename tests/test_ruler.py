@@ -135,7 +135,7 @@ async def test_the_cache_answers_a_repeated_request(judge: JudgeServer, tmp_path
     assert [t.reward for t in again.trajectories] == [0.9, 0.1]
     assert (len(judge.requests), stats.cache_hits) == (1, 1)
     entries = list(tmp_path.rglob("*"))
-    assert not [p for p in entries if p.name.startswith(".tmp-")]  # written atomically
+    assert not [p for p in entries if p.name.endswith(".tmp")]  # written atomically
     (entry,) = [p for p in entries if p.is_file()]
     assert json.loads(entry.read_text())["content"] == scores_json(0.9, 0.1)
     changed = await score(judge, group("a", "b"), cache_dir=tmp_path, rubric="- other", stats=stats)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from art_core.durable import atomic_write_text
 
 
 def request_key(request: dict[str, Any]) -> str:
@@ -34,16 +35,5 @@ class JudgeCache:
         return content if isinstance(content, str) else None
 
     def put(self, key: str, content: str) -> None:
-        """Write the entry into a temp file beside it, fsync, then rename: readers never see half of one."""
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(descriptor, "w") as handle:
-                json.dump({"key": key, "content": content}, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        """Write the entry durably: readers never see half of one (art_core.durable)."""
+        atomic_write_text(self._path(key), json.dumps({"key": key, "content": content}))
