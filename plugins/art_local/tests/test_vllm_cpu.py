@@ -83,9 +83,7 @@ async def run(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Run]:
     backend = vllm_backend(path, python)
     model = art.TrainableModel(name="agent", project="p", base_model=str(build_tiny_model("small")))
     started = time.monotonic()
-    await model.register(backend)
-    model.openai_client()  # starts vLLM
-    await backend._prepare_backend_for_training(model)
+    await model.register(backend)  # loads the trainer's model, then starts vLLM and serves step 0
     print(f"\nvLLM served the small model {time.monotonic() - started:.1f} s after register")
     yield Run(path, python, backend, model)
     await backend.close()
@@ -217,8 +215,7 @@ async def test_a_restart_serves_the_kept_steps_again_and_a_vllm_crash_names_vllm
     await run.backend.close()
     run.backend = vllm_backend(run.path, run.python)
     model = art.TrainableModel(name="agent", project="p", base_model=run.model.base_model)
-    await model.register(run.backend)
-    await run.backend._prepare_backend_for_training(model)
+    await model.register(run.backend)  # starts vLLM again
     for name in ("agent@0", "agent@2", "agent@3"):
         assert same(await greedy(model, name), run.seen[name]), name
     assert same(await greedy(model, "agent"), run.seen["agent@3"])

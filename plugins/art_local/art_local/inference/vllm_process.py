@@ -75,6 +75,17 @@ def vllm_command(
     return command + list(config.extra_args)
 
 
+async def _group_gone(pgid: int, timeout_s: float) -> None:
+    """Wait (bounded) until no process of group ``pgid`` is left, the orphans' reaping included."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        await asyncio.sleep(0.1)
+
+
 class VLLMExitedError(RuntimeError):
     """vLLM's process is gone; the backend cannot serve until it is restarted."""
 
@@ -250,6 +261,7 @@ class VLLMProcess:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
             await asyncio.to_thread(process.wait, 10.0)
+            await _group_gone(process.pid, timeout_s=10.0)
         self._log.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._log.name)
