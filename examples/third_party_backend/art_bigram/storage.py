@@ -1,12 +1,13 @@
-"""Checkpoints: one JSON file per step under the model's directory, written atomically (temp, fsync, rename)."""
+"""Checkpoints: one JSON file per step under the model's directory, written atomically and durably."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
+
+from art_core.plugin_api import atomic_write_text
 
 from art_bigram.policy import Table
 
@@ -26,24 +27,7 @@ def saved_steps(directory: Path) -> list[int]:
 
 def save(directory: Path, step: int, table: Table) -> Path:
     """Write ``table`` as step ``step``; readers see the old state or the new one, nothing in between."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = checkpoint_path(directory, step)
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{step:04d}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as file:
-            json.dump({"step": step, "logits": table}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    directory_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
-    return target
+    return atomic_write_text(checkpoint_path(directory, step), json.dumps({"step": step, "logits": table}))
 
 
 def load(directory: Path, step: int) -> Table:

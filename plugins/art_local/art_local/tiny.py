@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
+
+from art_core.plugin_api import atomic_replace_dir
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -103,20 +103,12 @@ def build_tiny_model(size: TinySize = "tiny", *, seed: int = 0, directory: str |
     )
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        _write_model(staging, size, seed)
-        _fsync_tree(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():  # lost a race to a complete build: fine
-                raise
-        _fsync_dir(target.parent)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    # another process may finish the same build first: its complete copy is as good as ours
+    atomic_replace_dir(target, lambda staging: _write_model(staging, size, seed), keep_existing=True)
+    if not (target / "model.safetensors").is_file():
+        raise FileExistsError(
+            f"{target} exists but holds no complete tiny model; delete it or pick another directory"
+        )
     return target
 
 
@@ -212,19 +204,3 @@ def _make_tokenizer_config_portable(path: Path) -> None:
     extra = config.pop("extra_special_tokens", [IM_START])
     config["additional_special_tokens"] = list(extra)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -1,15 +1,15 @@
 """The model -> Tinker run mapping, persisted as ``{model.output_dir()}/tinker_run.json`` so a fresh backend resumes.
 
-Written atomically (temp file, fsync, rename); a record is a frozen value and every change writes a new one.
+Written durably (art_core.plugin_api.atomic_write_text); a record is a frozen value and every change writes a new one.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+from art_core.plugin_api import atomic_write_text
 
 RECORD_FILE = "tinker_run.json"
 RECORD_VERSION = 1
@@ -89,9 +89,4 @@ def write_record(directory: Path, record: RunRecord) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     payload = {"version": RECORD_VERSION, **asdict(record)}
     payload["checkpoints"] = {str(step): asdict(c) for step, c in sorted(record.checkpoints.items())}
-    tmp = directory / f".{RECORD_FILE}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, directory / RECORD_FILE)
+    atomic_write_text(directory / RECORD_FILE, json.dumps(payload, indent=1, sort_keys=True))

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from art_core.plugin_api import ADAMW, ImportanceSamplingLevel
+from art_core.plugin_api import ADAMW, ImportanceSamplingLevel, atomic_write_with
 from art_core.trajectories import TrajectoryGroup
 from art_tinker.datums import missing_logprobs, to_datums
 from art_tinker.rl_loss import custom_loss
@@ -221,11 +219,7 @@ def plot(output_dir: Path, step: int, prepared: PreparedBatch, outcome: StepOutc
     if offset:
         bottom.legend()
     figure.suptitle(f"step {step}")
-    directory = output_dir / "tensors"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{step:04d}.png"
-    tmp = directory / f".{path.name}.{uuid.uuid4().hex}.png"
-    figure.savefig(tmp)
+    path = output_dir / "tensors" / f"{step:04d}.png"
+    atomic_write_with(path, lambda handle: figure.savefig(handle, format="png"))
     plt.close(figure)
-    os.replace(tmp, path)
     return path

@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from art_core.plugin_api import atomic_write_text
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The launcher's command line."""
@@ -78,13 +80,8 @@ def failure_report(failures: dict[int, Any]) -> dict[str, Any]:
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
-    """Write ``failure.json`` atomically (temp + fsync + rename)."""
-    temporary = run_dir / f".failure-{os.getpid()}.json"
-    with open(temporary, "w") as handle:
-        json.dump(report, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, run_dir / "failure.json")
+    """Write ``failure.json`` atomically and durably."""
+    atomic_write_text(run_dir / "failure.json", json.dumps(report, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

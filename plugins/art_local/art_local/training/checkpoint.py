@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import Any, cast
 
 import torch
 
+from art_core.plugin_api import atomic_replace_dir
+from art_core.plugin_api import remove_stale_temporaries as durable_remove_stale_temporaries
 from art_local.training.logprobs import causal_lm
 from art_local.training.state import TrainerConfig, TrainingComponents, TrainingState
 
@@ -122,14 +122,6 @@ def merged_state_dict_from_checkpoint(
     return merged
 
 
-def _fsync_path(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _pause_for_crash_test(staging: Path) -> None:
     marker = os.environ.get(CRASH_TEST_PAUSE_ENV)
     if not marker:
@@ -141,25 +133,7 @@ def _pause_for_crash_test(staging: Path) -> None:
 
 def write_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(staging)`` in a temp sibling of ``directory``, fsync everything, then rename into place."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
-    try:
-        write(staging)
-        for path in staging.iterdir():
-            _fsync_path(path)
-        _fsync_path(staging)
-        replaced = None
-        if directory.exists():
-            replaced = directory.parent / f".old-{directory.name}-{os.getpid()}-{time.monotonic_ns()}"
-            os.rename(directory, replaced)
-        os.rename(staging, directory)
-        _fsync_path(directory.parent)
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+    return atomic_replace_dir(directory, write)
 
 
 def _metadata(components: TrainingComponents, state: TrainingState, config: TrainerConfig) -> dict[str, Any]:
@@ -224,12 +198,7 @@ def checkpoint_steps(checkpoints_dir: Path) -> list[int]:
 
 def remove_stale_temporaries(checkpoints_dir: Path) -> list[Path]:
     """Delete ``.tmp-*``/``.old-*`` leftovers of interrupted writes; returns what was removed."""
-    if not checkpoints_dir.is_dir():
-        return []
-    stale = [path for path in checkpoints_dir.iterdir() if path.name.startswith((".tmp-", ".old-"))]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return stale
+    return durable_remove_stale_temporaries(checkpoints_dir)
 
 
 def check_compatible(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 
+from art_core.plugin_api import atomic_write_with
 from art_local.training.batch import TrainBatch
 
 
@@ -38,9 +38,6 @@ def plot_batch(batch: TrainBatch, new_logprobs_BT: torch.Tensor | None, path: Pa
         figure.colorbar(image, ax=axis)
     axes[-1, 0].set_xlabel("token position")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    figure.savefig(staging, format="png", dpi=80)
+    atomic_write_with(path, lambda handle: figure.savefig(handle, format="png", dpi=80))
     plt.close(figure)
-    os.replace(staging, path)
     return path

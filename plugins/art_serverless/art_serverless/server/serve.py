@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 import socket
 import sys
-import tempfile
 from pathlib import Path
 
 import uvicorn
 
+from art_core.plugin_api import atomic_write_text
 from art_serverless.server.app import ServerConfig, ServerState, create_app
 
 
@@ -53,17 +52,7 @@ def read_or_create_api_key(path: Path) -> str:
         return key
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = "art-" + secrets.token_urlsafe(32)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(key + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, key + "\n", mode=0o600)
     return key
 
 

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from art_core.plugin_api import atomic_write_text, fsync_dir, fsync_tree
 from art_tinker.server.errors import NotFound, UserError
 
 Kind = Literal["weights", "sampler_weights"]
@@ -107,20 +108,7 @@ def _now() -> str:
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=True))
 
 
 def _dir_size(path: Path) -> int:
@@ -191,11 +179,12 @@ class CheckpointStore:
             }
             tmp.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(tmp / META_FILE, meta)
+            fsync_tree(tmp)  # the weights the caller wrote, not only the metadata
             trash = final.parent / f".trash-{ref.name}-{uuid.uuid4().hex}"
             if final.exists():
                 os.replace(final, trash)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             shutil.rmtree(trash, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -233,7 +222,7 @@ class CheckpointStore:
         directory = self.existing(ref)
         trash = directory.parent / f".trash-{ref.name}-{uuid.uuid4().hex}"
         os.replace(directory, trash)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
         shutil.rmtree(trash, ignore_errors=True)
 
     def ephemeral_dir(self) -> Path:
