@@ -1,4 +1,4 @@
-"""Quickstart: teach a tiny model to sort three letters with RL, end to end on this machine.
+"""Quickstart: teach a tiny model to sort three letters with SFT then RL, end to end on this machine.
 
 Usage: ``python examples/quickstart.py [--steps 200] [--output .art]`` (``--steps 3`` for a smoke run).
 """
@@ -12,7 +12,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 import art_core as art
 from art_local import LocalBackend
-from art_local.demo import Triple, format_warm_start, prompt, reward, split_triples
+from art_local.demo import Triple, WarmStartConfig, format_trajectories, prompt, reward, split_triples
 from art_local.tiny import build_tiny_model
 from art_local.training import TrainerConfig
 
@@ -35,15 +35,18 @@ async def rollout(
 
 
 async def main(steps: int, output: str) -> None:
-    # An offline tiny model + a cached format-only warm start (it learns to answer with 3 letters, not to sort).
-    base_model = format_warm_start(build_tiny_model("tiny"))
     backend = LocalBackend(output, trainer_config=TrainerConfig(lora_rank=None))  # full fine-tune
-    model = art.TrainableModel(name="quickstart", project="sort", base_model=str(base_model))
-    await model.register(backend)  # starts the OpenAI-compatible server
+    model = art.TrainableModel(name="quickstart", project="sort", base_model=str(build_tiny_model("tiny")))
+    await model.register(backend)  # an offline tiny model; starts the OpenAI-compatible server
+    # Step 1, a format-only warm start: SFT on 3-letter answers in random order (the format, not sorting).
+    if await model.get_step() == 0:
+        data = format_trajectories(WarmStartConfig())  # 500 batches of 32 conversations
+        sft = await backend.train_sft(model, data, learning_rate=3e-3, batch_size=32, schedule="constant")
+        await model.log(metrics=sft.metrics, step=sft.step)
     client = model.openai_client()
     train, val = split_triples()
 
-    for _ in range(await model.get_step(), steps):  # resumes where a previous run stopped
+    for _ in range(await model.get_step(), steps):  # RL from the SFT step; resumes where a run stopped
         groups = await art.gather_trajectory_groups(  # 8 prompts x 8 samples, all concurrent
             art.TrajectoryGroup(rollout(client, model, letters) for _ in range(8))
             for letters in random.sample(train, 8)

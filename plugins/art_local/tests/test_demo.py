@@ -80,26 +80,28 @@ def test_the_demo_command_is_contributed_by_art_local() -> None:
 
 @pytest.mark.timeout(420)
 def test_a_short_demo_run_learns_to_sort(tmp_path: Path) -> None:
-    """20 RL steps on seed 0; measured val/reward at step 20: 0.54-0.70 over seeds 0-2, from 0.02-0.07."""
+    """SFT warm start (step 1) then 20 RL steps on seed 0; val/reward must rise by 0.2 over those RL steps."""
     result = CliRunner().invoke(
         build_cli(), ["demo", "--steps", "20", "--seed", "0", "--output", str(tmp_path), "--no-progress"]
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
     output = result.output
-    assert WARM_START_LABEL in output and "learning_rate=0.001" in output
+    assert WARM_START_LABEL in output and "backend.train_sft" in output and "learning_rate=0.001" in output
     assert "step  train/reward  val/reward" in output
     model_dir = tmp_path / "demo" / "models" / "sort-tiny-seed0"
     records = [json.loads(line) for line in (model_dir / "history.jsonl").read_text().splitlines()]
     val = {r["step"]: r["val/reward"] for r in records if "val/reward" in r}
     train_steps = [r["step"] for r in records if "train/reward" in r]
-    assert sorted(val) == [0, 10, 20] and train_steps == list(range(1, 21))
-    assert val[20] >= val[0] + 0.2, val  # the improvement the README states, with room for sampling noise
+    assert sorted(val) == [1, 11, 21] and train_steps == list(range(2, 22))  # step 1 is the SFT warm start
+    sft = next(r for r in records if r["step"] == 1 and "loss/sft" in r)
+    assert sft["data/sft_examples"] == 500 * 32 and sft["loss/sft"] < 2.0
+    assert val[21] >= val[1] + 0.2, val  # the improvement the README states, with room for sampling noise
     assert (model_dir / "reward.png").stat().st_size > 1000
-    assert (model_dir / "trajectories" / "val" / "0020.parquet").is_file()
+    assert (model_dir / "trajectories" / "val" / "0021.parquet").is_file()
     kept = sorted(p.name for p in (model_dir / "checkpoints").iterdir())
-    assert "0020" in kept and len(kept) <= 2  # latest and best val/reward only
+    assert "0021" in kept and len(kept) <= 2  # latest and best val/reward only
     assert f"written under {model_dir}" in output and "reward.png" in output
-    assert all(f"{step:>5}" in output for step in (0, 10, 20))
+    assert all(f"{step:>5}" in output for step in (1, 11, 21))
 
 
 def _threads_of_a_new_thread() -> int:

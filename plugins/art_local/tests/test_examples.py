@@ -37,11 +37,12 @@ def test_quickstart_smoke_run(tmp_path: Path) -> None:
     stdout = _run("quickstart.py", "--steps", "3", "--output", str(tmp_path), cwd=tmp_path)
     model_dir = tmp_path / "sort" / "models" / "quickstart"
     records = _history(model_dir / "history.jsonl")
-    assert [r["step"] for r in records if "train/reward" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "loss/sft" in r] == [1]  # the SFT warm start is step 1
+    assert [r["step"] for r in records if "train/reward" in r] == [2, 3]
     assert [r["step"] for r in records if "val/reward" in r] == [3]
     assert "step 3: val/reward" in stdout and "history:" in stdout
     again = _run("quickstart.py", "--steps", "4", "--output", str(tmp_path), cwd=tmp_path)  # resumes at 3
-    assert [r["step"] for r in _history(model_dir / "history.jsonl") if "train/reward" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in _history(model_dir / "history.jsonl") if "train/reward" in r] == [2, 3, 4]
     assert "step 4: val/reward" in again
 
 

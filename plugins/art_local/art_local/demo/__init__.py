@@ -2,7 +2,12 @@
 
 from art_local.demo.run import DemoConfig, DemoResult, Recipe, recipe_for, run_demo
 from art_local.demo.task import Triple, all_triples, answer, prompt, reward, rollout, split_triples
-from art_local.demo.warm_start import WARM_START_LABEL, WarmStartConfig, format_warm_start
+from art_local.demo.warm_start import (
+    WARM_START_LABEL,
+    WarmStartConfig,
+    format_trajectories,
+    format_warm_start,
+)
 
 __all__ = [
     "WARM_START_LABEL",
@@ -13,6 +18,7 @@ __all__ = [
     "WarmStartConfig",
     "all_triples",
     "answer",
+    "format_trajectories",
     "format_warm_start",
     "prompt",
     "recipe_for",

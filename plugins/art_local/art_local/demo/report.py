@@ -43,12 +43,14 @@ def header(config: DemoConfig, engine: str, steps: int, learning_rate: float, lo
     )
 
 
-def warm_start_line(base: Path, config: WarmStartConfig) -> str:
-    """Announce the warm start and whether it comes from the cache."""
-    from art_local.demo.warm_start import WARM_START_LABEL, warm_start_dir
+def warm_start_line(config: WarmStartConfig) -> str:
+    """Announce the warm start (step 1, through ``train_sft``) and the RL that follows it."""
+    from art_local.demo.warm_start import WARM_START_LABEL
 
-    cached = (warm_start_dir(base, config) / "warm_start.json").is_file()
-    how = "cached" if cached else f"{config.steps} SFT steps on random permutations of the prompt's letters"
+    how = (
+        f"backend.train_sft: {config.steps} steps of {config.batch_size} random permutations of the prompt's "
+        "letters"
+    )
     return f"[1/2] {WARM_START_LABEL} ({how})\n[2/2] RL through LocalBackend and its OpenAI-compatible server"
 
 
@@ -109,10 +111,10 @@ def summary(result: DemoResult, warm_start_label: str) -> str:
     first, last = result.val_reward[steps[0]], result.val_reward[steps[-1]]
     lines = [
         "",
-        f"val/reward (greedy, 100 held-out prompts): {first:.2f} at step 0 -> {last:.2f} at step {steps[-1]} "
+        f"val/reward (greedy, 100 held-out prompts): {first:.2f} at step {steps[0]} -> {last:.2f} at step {steps[-1]} "
         f"({result.improvement:+.2f}) in {result.seconds / 60:.1f} min",
-        f"  step 0 is the {warm_start_label}; everything above it is RL",
-        "  held-out prompt -> answer at step 0 / at the end:",
+        f"  step {steps[0]} is the {warm_start_label} (train_sft); everything above it is RL",
+        f"  held-out prompt -> answer at step {steps[0]} / at the end:",
     ]
     lines += [f"    {letters}  ->  {before!r} / {after!r}" for letters, before, after in result.samples]
     lines += [

@@ -1,8 +1,9 @@
-"""The demo run: build the tiny model, warm-start its answer format, then GRPO through the real stack.
+"""The demo run: build the tiny model, warm-start its answer format with ``train_sft``, then GRPO through the real stack.
 
 Everything a user's loop does happens here: ``LocalBackend``, ``model.register``, concurrent rollouts through
 ``model.openai_client()`` gathered with ``art.gather_trajectory_groups``, ``backend.train``, ``model.log`` for
-``train`` and a held-out ``val`` split, and ``model.delete_checkpoints()``.
+``train`` and a held-out ``val`` split, and ``model.delete_checkpoints()``; the warm start is
+``backend.train_sft`` (step 1 of the same model), so RL resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import art_core as art
 from art_local.demo import report
 from art_local.demo.task import Triple, rollout, split_triples
-from art_local.demo.warm_start import WARM_START_LABEL, WarmStartConfig, format_warm_start
+from art_local.demo.warm_start import WARM_START_LABEL, WarmStartConfig, format_trajectories
 from art_local.tiny import TinySize
 
 if TYPE_CHECKING:
@@ -193,18 +194,27 @@ async def run_demo(config: DemoConfig, *, echo: Echo | None = None) -> DemoResul
         torch.set_num_threads(before)
 
 
-async def prepare_base_model(config: DemoConfig, recipe: Recipe, say: Echo) -> Path:
-    """The tiny model (built offline, cached), then its format-only warm start (cached beside it)."""
-    from art_local.tiny import build_tiny_model
-
-    base = await asyncio.to_thread(build_tiny_model, config.model_size, seed=config.seed)
-    warm_config = WarmStartConfig(
+def warm_start_config(config: DemoConfig, recipe: Recipe) -> WarmStartConfig:
+    """The format-only warm start of this run: ``warm_start_steps`` SFT steps of 32 examples."""
+    return WarmStartConfig(
         steps=recipe.warm_start_steps, learning_rate=recipe.warm_start_learning_rate, seed=config.seed
     )
-    say(report.warm_start_line(base, warm_config))
-    return await asyncio.to_thread(
-        format_warm_start, base, warm_config, device=config.device, progress=config.progress
+
+
+async def warm_start(backend: LocalBackend, model: art.TrainableModel, warm: WarmStartConfig) -> int:
+    """``backend.train_sft`` on random permutations of the prompts' letters (constant learning rate, the
+    examples in the order drawn); logged as the ``train`` split; returns the step it wrote."""
+    data = format_trajectories(warm)
+    result = await backend.train_sft(
+        model,
+        data,
+        learning_rate=warm.learning_rate,
+        batch_size=warm.batch_size,
+        schedule="constant",
+        shuffle_seed=None,
     )
+    await model.log(metrics=result.metrics, split="train", step=result.step)
+    return result.step
 
 
 async def _run(config: DemoConfig, say: Echo) -> DemoResult:
@@ -218,7 +228,11 @@ async def _run(config: DemoConfig, say: Echo) -> DemoResult:
     steps = recipe.steps if config.steps is None else config.steps
     learning_rate = recipe.learning_rate if config.learning_rate is None else config.learning_rate
     say(report.header(config, engine, steps, learning_rate, recipe.lora_rank))
-    warm = await prepare_base_model(config, recipe, say)
+    from art_local.tiny import build_tiny_model
+
+    base = await asyncio.to_thread(build_tiny_model, config.model_size, seed=config.seed)
+    warm = warm_start_config(config, recipe)
+    say(report.warm_start_line(warm))
     output = Path(config.output)
     backend = LocalBackend(
         str(output),
@@ -228,10 +242,11 @@ async def _run(config: DemoConfig, say: Echo) -> DemoResult:
     )
     stem = f"sort-{config.model_size}-seed{config.seed}"
     model = art.TrainableModel(
-        name=fresh_model_name(output, config.project, stem), project=config.project, base_model=str(warm)
+        name=fresh_model_name(output, config.project, stem), project=config.project, base_model=str(base)
     )
     async with backend:
         await model.register(backend)
+        start = await warm_start(backend, model, warm)
         val_reward, kept, samples = await rl_loop(
             backend,
             model,
@@ -239,6 +254,7 @@ async def _run(config: DemoConfig, say: Echo) -> DemoResult:
             say,
             steps=steps,
             learning_rate=learning_rate,
+            start=start,
         )
     model.close_reporters()
     result = DemoResult(
@@ -262,8 +278,10 @@ async def rl_loop(
     *,
     steps: int,
     learning_rate: float,
+    start: int = 0,
 ) -> tuple[dict[int, float], list[int], list[tuple[str, str, str]]]:
-    """Validate at step 0, then train ``steps`` steps (validating every ``val_every``), one table row each.
+    """Validate at step ``start`` (the warm start's), then train ``steps`` RL steps (validating every
+    ``val_every``), one table row each.
 
     Returns val/reward per validated step, the checkpoints kept, and sample answers before/after.
     """
@@ -272,13 +290,13 @@ async def rl_loop(
     rng = random.Random(config.seed)
     say(report.table_header())
     tick = time.perf_counter()
-    first_val = last_val = await validate(client, model, val_triples, config, 0)
-    val_reward = {0: _val_mean(first_val)}
-    say(report.table_row(0, None, val_reward[0], None, time.perf_counter() - tick))
-    kept: list[int] = [0]
-    for new_step in range(1, steps + 1):
+    first_val = last_val = await validate(client, model, val_triples, config, start)
+    val_reward = {start: _val_mean(first_val)}
+    say(report.table_row(start, None, val_reward[start], None, time.perf_counter() - tick))
+    kept: list[int] = [start]
+    for new_step in range(start + 1, start + steps + 1):
         tick = time.perf_counter()
-        validating = new_step % config.val_every == 0 or new_step == steps
+        validating = (new_step - start) % config.val_every == 0 or new_step == start + steps
         groups, result = await train_step(
             client,
             backend,
@@ -287,7 +305,7 @@ async def rl_loop(
             config,
             learning_rate=learning_rate,
             save_checkpoint=validating,  # checkpoint the steps validation ranks: delete_checkpoints keeps the best
-            label=f"step {new_step}/{steps}",
+            label=f"step {new_step}/{start + steps}",
         )
         val: float | None = None
         if validating:

@@ -3,7 +3,8 @@
 A freshly initialised tiny model never samples a well-formed answer, so RL alone has no signal (plugins/art_local/DEMO.md).
 For the sort task the SFT answers are *random permutations* of the prompt's letters: the model learns to answer
 with three letters and stop, not to sort (exact accuracy after it stays near chance, 1/6); sorting comes from RL.
-Each result is cached as a model directory beside the tiny model, so a second run skips it.
+The demo runs it as ``backend.train_sft(model, format_trajectories(...))``, step 1 of the RL run's own model.
+``sft_warm_start`` (a cached model directory beside the tiny model) remains for tests that need a judge model.
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import art_core as art
 from art_local.demo.task import Triple, messages, split_triples
 
 if TYPE_CHECKING:
     import torch
 
-    from art_local.training import TrainBatch
 
 WARM_START_LABEL = "format-only warm start: teaches the answer format, not sorting"
 WARM_START_VERSION = 1  # bump when the recipe below changes what gets written
-_PACK_CAPACITY = 128  # tokens per packed row at least; one sort example is ~19 tokens
 
 SftExample = tuple[tuple[int, ...], tuple[bool, ...]]  # token ids, and which of them the loss trains
 ExampleMaker = Callable[[random.Random, Any], SftExample]  # (rng, tokenizer) -> one example
@@ -55,6 +55,22 @@ def warm_start_dir(base_model: Path, config: WarmStartConfig, name: str = "sortf
     return base_model.parent / f"{base_model.name}-{name}-v{WARM_START_VERSION}-{config.tag()}"
 
 
+def format_trajectories(config: WarmStartConfig) -> list[art.Trajectory]:
+    """``steps * batch_size`` train prompts, each answered by a random *permutation* of its letters (not sorted)."""
+    train_triples, _ = split_triples()  # the held-out triples never reach the warm start
+    rng = random.Random(config.seed)
+    trajectories = []
+    for _ in range(config.steps * config.batch_size):
+        triple = rng.choice(train_triples)
+        shuffled = "".join(rng.sample(triple, 3))
+        trajectories.append(
+            art.Trajectory(
+                messages_and_choices=[*messages(triple), {"role": "assistant", "content": shuffled}]
+            )
+        )
+    return trajectories
+
+
 def sort_format_example(triples: Sequence[Triple], rng: random.Random, tokenizer: Any) -> SftExample:
     """A random train prompt answered by a random *permutation* of its letters + end of turn (not sorted)."""
     triple = rng.choice(triples)
@@ -78,30 +94,6 @@ def conversation_example(
     if history is None or not history.num_trained:
         raise ValueError("the conversation has no assistant Choice to train on")
     return history.tokens, history.trained
-
-
-def sft_batch(examples: Sequence[SftExample]) -> TrainBatch:
-    """Pack examples into one batch whose loss mask covers the trained (answer) tokens only."""
-    from art_local.training import PackSequence, pack_sequences
-
-    sequences = [
-        PackSequence(tokens=tokens, trained=trained, logprobs=(float("nan"),) * len(tokens), group=index)
-        for index, (tokens, trained) in enumerate(examples)  # own group each: no prompt sharing
-    ]
-    capacity = max(_PACK_CAPACITY, *(len(tokens) for tokens, _ in examples))
-    return pack_sequences(sequences, capacity=capacity, share_prompts=False)
-
-
-def negative_log_likelihood(
-    logprobs_BT: torch.Tensor, batch: TrainBatch
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean negative log-likelihood of the trained tokens (the SFT loss)."""
-    import torch
-
-    mask_BT = batch.loss_mask_BT
-    total = torch.where(mask_BT, logprobs_BT, torch.zeros_like(logprobs_BT)).sum()
-    loss = -total / mask_BT.sum().clamp(min=1)
-    return loss, {"sft/nll": float(loss.detach())}
 
 
 def format_warm_start(
@@ -174,6 +166,7 @@ def _train(
         get_weights,
         optim_step,
     )
+    from art_local.training.sft import negative_log_likelihood, sft_batch
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     trainer = TrainerConfig(lora_rank=None, learning_rate=config.learning_rate, seed=config.seed)
