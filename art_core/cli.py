@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from art_core import __version__
+from art_core.version import __version__
 
 DEFAULT_HISTORY_COLUMNS = ("train/reward", "val/reward", "loss/train", "train/exception_rate")
 

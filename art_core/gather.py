@@ -3,113 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import math
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from art_core.gather_context import (
+    GatherContext,
+    RolloutTimeoutError,
+    TooManyExceptionsError,
+    bounded,
+    current_gather_context,
+    gather_context,
+)
 from art_core.trajectories import Trajectory, TrajectoryGroup, check_rewards
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+__all__ = [
+    "GatherContext",
+    "RolloutTimeoutError",
+    "TooManyExceptionsError",
+    "current_gather_context",
+    "gather_trajectories",
+    "gather_trajectory_groups",
+]
+
 T = TypeVar("T")
 
 AfterEach = Callable[[TrajectoryGroup], Awaitable[TrajectoryGroup | None | list[TrajectoryGroup]]]
-
-
-class TooManyExceptionsError(RuntimeError):
-    """More rollouts failed than ``max_exceptions`` allows; the last failure is the ``__cause__``."""
-
-
-class RolloutTimeoutError(TimeoutError):
-    """A rollout ran past ``gather_trajectory_groups(rollout_timeout_s=...)``; it counts as a failed rollout."""
-
-
-async def bounded(awaitable: Awaitable[T], timeout_s: float | None) -> T:
-    """``await awaitable``, cancelled with ``RolloutTimeoutError`` after ``timeout_s`` (None: no bound)."""
-    if timeout_s is None:
-        return await awaitable
-    try:
-        return await asyncio.wait_for(awaitable, timeout_s)
-    except TimeoutError:
-        raise RolloutTimeoutError(
-            f"a rollout did not finish within rollout_timeout_s={timeout_s:g} s (it was cancelled); raise the "
-            "bound or look for a request that hangs"
-        ) from None
-
-
-@dataclass
-class GatherContext:
-    """Live counters behind one gather call's progress bar."""
-
-    total: int = 0
-    max_exceptions: int | float = 0
-    pbar: tqdm | None = None
-    reward_sum: float = 0.0
-    trajectories: int = 0
-    exceptions: int = 0
-    metric_sums: dict[str, float] = field(default_factory=dict)
-    metric_counts: dict[str, int] = field(default_factory=dict)
-    max_metrics: int | None = None
-    rollout_timeout_s: float | None = None
-
-    def record_trajectory(self, trajectory: Trajectory) -> None:
-        self.trajectories += 1
-        if math.isfinite(trajectory.reward):
-            self.reward_sum += trajectory.reward
-        for key, value in trajectory.metrics.items():
-            self.metric_sums[key] = self.metric_sums.get(key, 0.0) + float(value)
-            self.metric_counts[key] = self.metric_counts.get(key, 0) + 1
-        self._refresh(advance=1)
-
-    def record_exception(self, error: BaseException) -> None:
-        self.exceptions += 1
-        self._refresh(advance=1)
-        if self.too_many_exceptions():
-            raise TooManyExceptionsError(
-                f"{self.exceptions} of {self.total} rollouts failed, more than max_exceptions={self.max_exceptions}; "
-                f"last failure: {type(error).__name__}: {error}"
-            ) from error
-
-    def too_many_exceptions(self) -> bool:
-        if 0 < self.max_exceptions < 1:
-            return self.exceptions > self.max_exceptions * max(self.total, 1)
-        return self.exceptions > self.max_exceptions
-
-    def _refresh(self, advance: int) -> None:
-        if self.pbar is None:
-            return
-        self.pbar.update(advance)
-        postfix: dict[str, Any] = {}
-        if self.trajectories:
-            postfix["reward"] = f"{self.reward_sum / self.trajectories:.3g}"
-        keys = list(self.metric_sums)[: self.max_metrics]
-        for key in keys:
-            postfix[key] = f"{self.metric_sums[key] / self.metric_counts[key]:.3g}"
-        postfix["exceptions"] = self.exceptions
-        self.pbar.set_postfix(postfix, refresh=False)
-
-
-_current: contextvars.ContextVar[GatherContext | None] = contextvars.ContextVar(
-    "art_gather_context", default=None
-)
-
-
-def current_gather_context() -> GatherContext:
-    """The active gather's counters, or a detached context when awaited outside a gather."""
-    return _current.get() or GatherContext(max_exceptions=math.inf)
-
-
-@contextlib.contextmanager
-def _gather_context(context: GatherContext) -> Iterator[None]:
-    token = _current.set(context)
-    try:
-        yield
-    finally:
-        _current.reset(token)
 
 
 def _check_max_exceptions(max_exceptions: int | float) -> None:
@@ -221,7 +143,7 @@ async def _run_all(
     """Run the coroutines concurrently under ``context`` with its progress bar; on failure cancel the rest."""
     context.pbar = _progress_bar(pbar_desc, context.total, leave)
     try:
-        with _gather_context(context):
+        with gather_context(context):
             tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
             try:
                 return list(await asyncio.gather(*tasks))

@@ -21,6 +21,7 @@ from typing import Any
 import pluggy
 
 from art_core import hookspecs
+from art_core.version import __version__
 
 ENTRY_POINT_GROUP = "art"
 # Backends we ship as separate distributions, for an install hint when one is asked for but missing.
@@ -215,8 +216,6 @@ def _collect(hook_name: str) -> list[PluginEntry]:
             impl.plugin_name, (None, getattr(impl.plugin, "__version__", None))
         )
         if impl.plugin_name == "art_core.builtin":
-            from art_core import __version__
-
             dist_name, version = "art-core", __version__
         found: list[PluginEntry] = []
 

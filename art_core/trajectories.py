@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeGuard, cast
 import pydantic
 from pydantic import PlainSerializer, PlainValidator, SerializationInfo
 
+from art_core.gather_context import bounded, current_gather_context
+
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
     from openai.types.chat.chat_completion import Choice
@@ -243,8 +245,6 @@ class TrajectoryGroup(pydantic.BaseModel):
     async def _finish(self) -> TrajectoryGroup:
         if not self._pending:
             return self
-        from art_core.gather import bounded, current_gather_context
-
         awaitables, self._pending = self._pending, None
         context = current_gather_context()
         futures = [asyncio.ensure_future(bounded(a, context.rollout_timeout_s)) for a in awaitables]

@@ -50,7 +50,10 @@ def test_balance_damps_one_sign() -> None:
 
 @pytest.mark.parametrize("bad", [1.5, -1.01, math.nan])
 def test_out_of_range_balance_is_a_value_error(bad: float) -> None:
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(
+        ValueError,
+        match=r"advantage_balance=\S+ is invalid: advantage_balance must be a finite number and >= -1 and <= 1",
+    ):
         normalize_batch([1.0], [1], advantage_balance=bad)
 
 
