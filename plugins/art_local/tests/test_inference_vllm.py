@@ -122,6 +122,7 @@ async def test_an_interpreter_without_vllm_is_refused_before_launch_with_the_fix
     missing = VLLMProcess(VLLMEngineConfig(python=str(tmp_path / "nowhere" / "python")), "/m")
     with pytest.raises(RuntimeError, match=r"nowhere/python does not exist.*ART_VLLM_PYTHON"):
         await missing.start()
+    assert not Path(missing._log.name).exists()  # a refused start leaves no log file behind
 
 
 async def test_a_vllm_that_dies_at_start_reports_its_output_and_the_fix(tmp_path: Path) -> None:

@@ -162,7 +162,11 @@ class VLLMProcess:
     async def start(self) -> None:
         """Launch vLLM and wait for ``/health``; on failure the error carries vLLM's output and the fix."""
         started = time.monotonic()
-        self._process = await asyncio.to_thread(self._launch)
+        try:
+            self._process = await asyncio.to_thread(self._launch)
+        except BaseException:
+            await self.stop()  # removes the log file
+            raise
         deadline = started + self.config.start_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
