@@ -26,12 +26,9 @@ import re
 from typing import Any
 
 from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletionMessage
-from openai.types.chat.chat_completion import Choice
 
 import art_core as art
 from art_local import LocalBackend
-from art_local.demo.warm_start import WarmStartConfig, conversation_example, sft_warm_start
 from art_local.tiny import build_tiny_model
 from art_local.training import TrainerConfig
 
@@ -101,7 +98,7 @@ async def rollout(client: AsyncOpenAI, model: art.TrainableModel, city: str, see
     return trajectory
 
 
-def format_example(rng: random.Random, tokenizer: Any) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+def format_trajectory(rng: random.Random) -> art.Trajectory:
     """Warm-start conversation: a well-formed call about a random city, then a random number (format only)."""
     called, reported = rng.choice(CITIES), rng.randint(-10, 35)
     call = {
@@ -111,35 +108,25 @@ def format_example(rng: random.Random, tokenizer: Any) -> tuple[tuple[int, ...],
     }
     turns = [
         *question(rng.choice(CITIES)),
-        Choice(
-            index=0,
-            finish_reason="tool_calls",
-            message=ChatCompletionMessage.model_validate({"role": "assistant", "tool_calls": [call]}),
-        ),
+        {"role": "assistant", "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_0", "content": f"{rng.randint(-10, 35)} degrees in {called}"},
-        Choice(
-            index=0,
-            finish_reason="stop",
-            message=ChatCompletionMessage(role="assistant", content=f"{reported} degrees"),
-        ),
+        {"role": "assistant", "content": f"{reported} degrees"},
     ]
-    return conversation_example(turns, TOOLS, tokenizer)
+    return art.Trajectory(messages_and_choices=turns, tools=TOOLS)
 
 
 async def main(steps: int, warm_start_steps: int, learning_rate: float, output: str) -> None:
-    base = build_tiny_model("tiny")
-    warm = sft_warm_start(
-        base,
-        format_example,
-        WarmStartConfig(steps=warm_start_steps, batch_size=16),
-        name="weatherformat",
-        label="format-only warm start (random city, random number)",
-    )
     backend = LocalBackend(output, trainer_config=TrainerConfig(lora_rank=None))
-    model = art.TrainableModel(name="weather", project="tool-use", base_model=str(warm))
+    model = art.TrainableModel(name="weather", project="tool-use", base_model=str(build_tiny_model("tiny")))
     await model.register(backend)
+    if await model.get_step() == 0:  # step 1: format-only SFT (a call about a random city, a random number)
+        rng = random.Random(0)
+        data = [format_trajectory(rng) for _ in range(warm_start_steps * 16)]
+        sft = await backend.train_sft(model, data, learning_rate=3e-3, batch_size=16, schedule="constant")
+        await model.log(metrics=sft.metrics, step=sft.step)
+        print(f"step {sft.step}: SFT loss {sft.metrics['loss/sft']:.3f}", flush=True)
     client = model.openai_client()
-    for step in range(await model.get_step(), steps):
+    for step in range(await model.get_step(), steps + 1):  # then `steps` RL steps
         groups = await art.gather_trajectory_groups(  # a group: 8 episodes of the same scenario
             art.TrajectoryGroup(rollout(client, model, city, seed=step * 10 + k) for _ in range(8))
             for k, city in enumerate(random.sample(CITIES, 4))
@@ -160,7 +147,9 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=30, help="RL steps")
-    parser.add_argument("--warm-start-steps", type=int, default=300, help="format-only SFT steps (cached)")
+    parser.add_argument(
+        "--warm-start-steps", type=int, default=300, help="format-only SFT steps (batches of 16)"
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="RL learning rate (full fine-tune)")
     parser.add_argument("--output", default=".art", help="where history, trajectories and checkpoints go")
     args = parser.parse_args()

@@ -51,10 +51,10 @@ def test_tool_use_smoke_run_calls_the_tool_over_several_turns(tmp_path: Path) ->
     stdout = _run(
         "tool_use.py", "--steps", "2", "--warm-start-steps", "100", "--output", str(tmp_path), cwd=tmp_path
     )
-    assert "step 1: reward" in stdout and "step 2: reward" in stdout
+    assert "step 1: SFT loss" in stdout and "step 2: reward" in stdout and "step 3: reward" in stdout
     model_dir = tmp_path / "tool-use" / "models" / "weather"
-    assert [r["step"] for r in _history(model_dir / "history.jsonl") if "train/reward" in r] == [1, 2]
-    rows = pq.read_table(model_dir / "trajectories" / "train" / "0002.parquet").to_pylist()
+    assert [r["step"] for r in _history(model_dir / "history.jsonl") if "train/reward" in r] == [2, 3]
+    rows = pq.read_table(model_dir / "trajectories" / "train" / "0003.parquet").to_pylist()
     episodes = [json.loads(r["messages"]) if isinstance(r["messages"], str) else r["messages"] for r in rows]
     with_tool = [e for e in episodes if any(m["role"] == "tool" for m in e)]
     assert with_tool, "after the format warm start the model should call get_weather"
