@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import torch
 
 import art_core as art
 from art_core.sft import sft_conversations
+from art_core.testing.sft_conformance import SFTChecks
 from art_local.backend import LocalBackend
 from art_local.demo.task import answer, messages, split_triples
 from art_local.training import TrainerConfig, get_weights
@@ -162,3 +163,21 @@ async def test_bad_options_and_data_name_the_value(backend: LocalBackend, tiny_m
     with pytest.raises(TypeError, match="trajectory 0 is a dict"):
         await backend.train_sft(model, [{"messages": []}])  # type: ignore[list-item]
     assert await model.get_step() == 0  # nothing trained, nothing written
+
+
+class TestLocalBackendSFTConformance(SFTChecks):
+    """The kit's SFT checks on LocalBackend (its other checks run in test_backend_train.py)."""
+
+    supports_sft = True
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> LocalBackend:
+        return LocalBackend(str(tmp_path / "conformance"), device="cpu")
+
+    @pytest.fixture
+    def base_model(self, tiny_model_dir: Path) -> str:
+        return str(tiny_model_dir)
+
+    @pytest.fixture
+    def fresh_backend(self, tmp_path: Path) -> Callable[[], LocalBackend]:
+        return lambda: LocalBackend(str(tmp_path / "conformance"), device="cpu")

@@ -31,6 +31,7 @@ class TestServerlessBackendConformance(BackendConformance):
     supports_inference = True
     supports_delete = True
     supports_resume = True  # state lives on the server: a new client instance sees the same steps
+    supports_sft = True
 
     @pytest.fixture
     def backend(self, local_server: str) -> ServerlessBackend:

@@ -13,6 +13,7 @@ from art_tinker import TinkerBackend
 
 class TestTinkerConformance(BackendConformance):
     learning_rate = 1e-2
+    supports_sft = True
     group_size = 3
     max_tokens = 4
 
