@@ -4,12 +4,14 @@
 move. Users' training code needs only ``import art_core as art``. The groups:
 
 - options: ``TrainOptions`` (build it on the first line of ``train()``), ``check_number``/``check_flag``/
-  ``check_choice`` for a backend's own options, ``COMMON_TRAIN_DEFAULTS``, ``ADAMW`` (shared optimizer defaults);
+  ``check_choice`` for a backend's own options, ``COMMON_TRAIN_DEFAULTS``, ``ImportanceSamplingLevel`` and
+  ``IMPORTANCE_SAMPLING_LEVELS``, ``ADAMW`` (an ``AdamWDefaults``: the optimizer defaults backends share);
 - groups and advantages: ``check_groups``, ``is_choice``, ``group_advantages``, ``batch_advantages``,
   ``normalize_batch``, ``is_trainable_group``, ``mean_reward_std_dev``, ``check_advantage_balance``;
 - names: ``validate_name``, ``validate_model_name`` (what a model or project name may be);
 - durable writes: ``atomic_write_bytes``/``atomic_write_text``/``atomic_write_with``, ``atomic_replace_dir``,
-  ``fsync_dir``, ``fsync_tree``, ``remove_stale_temporaries``;
+  ``fsync_dir``, ``fsync_tree``, ``remove_stale_temporaries`` (of temp names ``TEMP_FILE_GLOB`` and
+  ``STALE_DIR_PREFIXES``);
 - history and plugins: ``read_history``, ``get_backend_class``.
 """
 

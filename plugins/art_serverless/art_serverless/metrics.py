@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from art_core.advantages import is_trainable_group
+from art_core.plugin_api import is_trainable_group
 from art_core.trajectories import TrajectoryGroup
 
 # Names the hosted service uses for what our taxonomy calls otherwise. Keys that already carry a "/" are ours.

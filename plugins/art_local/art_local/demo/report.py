@@ -83,7 +83,7 @@ def table_row(
 def plot(model_dir: Path) -> Path | None:
     """``reward.png`` beside the history (what ``art history DIR --plot`` draws); None without matplotlib."""
     from art_core.cli import history_by_step, plot_rewards
-    from art_core.history import read_history
+    from art_core.plugin_api import read_history
 
     path = model_dir / "reward.png"
     try:

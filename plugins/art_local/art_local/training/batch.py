@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from art_core.advantages import group_advantages, mean_reward_std_dev, normalize_batch
-from art_core.trajectories import TrajectoryGroup, check_groups
+from art_core.plugin_api import check_groups, group_advantages, mean_reward_std_dev, normalize_batch
+from art_core.trajectories import TrajectoryGroup
 from art_local.training.tokenize import TokenizedHistory, tokenize_history
 
 

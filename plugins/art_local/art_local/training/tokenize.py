@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from art_core.trajectories import is_choice
+from art_core.plugin_api import is_choice
 
 _SENTINEL = "\u2063<art-trained-choice-{}>\u2063"
 TOKEN_ID_PREFIX = "token_id:"

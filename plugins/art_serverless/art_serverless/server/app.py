@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from art_core.plugins import get_backend_class
+from art_core.plugin_api import get_backend_class
 from art_serverless.server.guard import GuardMiddleware
 from art_serverless.server.host import BackendHost
 from art_serverless.server.jobs import JobRunner

@@ -12,7 +12,8 @@ from typing import Any
 
 import pydantic
 
-from art_core.trajectories import TrajectoryGroup, check_groups
+from art_core.plugin_api import check_groups
+from art_core.trajectories import TrajectoryGroup
 from art_serverless.server.state import ApiError, validation_message
 
 # Policy versions are training steps; the store keeps steps as SQLite integers (64-bit).

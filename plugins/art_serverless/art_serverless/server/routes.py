@@ -9,7 +9,7 @@ import httpx
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from art_core.model_checks import validate_model_name, validate_name
+from art_core.plugin_api import validate_model_name, validate_name
 from art_serverless import wire
 from art_serverless.server.checks import parse_groups
 from art_serverless.server.host import train_options

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import httpx
 from fastapi import Request
 
-from art_core.model_checks import validate_name
+from art_core.plugin_api import validate_name
 from art_serverless.server.host import BackendHost
 from art_serverless.server.jobs import JobRunner
 from art_serverless.server.store import Store
