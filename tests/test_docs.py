@@ -170,7 +170,9 @@ def test_python_excerpts_import_the_names_they_use() -> None:
         shown = seen.get(file, "") + block.code
         seen[file] = shown
         missing = sorted(
-            name for name in used_names(block.code) & set(imports) if _squash(imports[name]) not in _squash(shown)
+            name
+            for name in used_names(block.code) & set(imports)
+            if _squash(imports[name]) not in _squash(shown)
         )
         if missing:
             problems.append(f"line {block.line}: uses {missing} without {[imports[n] for n in missing]}")

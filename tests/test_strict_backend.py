@@ -72,7 +72,9 @@ async def test_strict_backend_refuses_bad_options_and_inputs() -> None:
     model = art.TrainableModel(name="m", project="p", base_model="strict-letters")
     other = art.TrainableModel(name="other", project="p", base_model="strict-letters")
     await backend.register(model)
-    with pytest.raises(ValueError, match="learning_rate=nan is invalid: learning_rate must be a finite number"):
+    with pytest.raises(
+        ValueError, match="learning_rate=nan is invalid: learning_rate must be a finite number"
+    ):
         await backend.train(model, [], learning_rate=float("nan"))
     with pytest.raises(ValueError, match="importance_sampling_level"):
         await backend.train(model, [], importance_sampling_level="tokens")  # type: ignore[arg-type]

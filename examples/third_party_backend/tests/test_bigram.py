@@ -109,7 +109,10 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path) -> None:
         await model.register(backend)
         try:
             groups = await rollouts(model, seed=1, groups=1)
-            with pytest.raises(ValueError, match="learning_rate=-1.0 is invalid: learning_rate must be a finite number and > 0"):
+            with pytest.raises(
+                ValueError,
+                match="learning_rate=-1.0 is invalid: learning_rate must be a finite number and > 0",
+            ):
                 await backend.train(model, groups, learning_rate=-1.0)
             with pytest.raises(ValueError, match="importance_sampling_level='tokens'"):
                 await backend.train(model, groups, importance_sampling_level="tokens")  # type: ignore[arg-type]
