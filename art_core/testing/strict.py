@@ -184,10 +184,6 @@ class StrictBackend:
         checkpoints = self._checkpoints(model.name)
         step = max(checkpoints)
         logits = list(checkpoints[step])
-        eps_low = options.epsilon if options.epsilon is not None else (0.2 if options.ppo else 1.0)
-        eps_high = (
-            options.epsilon_high if options.epsilon_high is not None else (eps_low if options.ppo else 4.0)
-        )
         normalized = normalize_batch(
             [s.advantage for s in samples],
             [len(s.token_ids) for s in samples],
@@ -195,27 +191,9 @@ class StrictBackend:
         )
         probs = softmax(logits)
         total_tokens = sum(len(s.token_ids) for s in samples)
-        gradient = [0.0] * VOCAB_SIZE
-        loss = 0.0
-        for sample, advantage, weight in zip(
-            samples, normalized.advantages, normalized.token_weights, strict=True
-        ):
-            deltas = [
-                math.log(probs[t]) - old for t, old in zip(sample.token_ids, sample.old_logprobs, strict=True)
-            ]
-            sequence_ratio = math.exp(math.fsum(deltas) / len(deltas))
-            for token, delta in zip(sample.token_ids, deltas, strict=True):
-                ratio = _importance_ratio(math.exp(delta), sequence_ratio, options.importance_sampling_level)
-                clipped = min(max(ratio, 1 - eps_low), 1 + eps_high)
-                if options.ppo:
-                    active = ratio * advantage <= clipped * advantage  # the unclipped branch is the minimum
-                    coefficient = ratio * advantage if active else 0.0
-                    loss -= min(ratio * advantage, clipped * advantage) * weight
-                else:
-                    coefficient = clipped * advantage
-                    loss -= clipped * advantage * math.log(probs[token]) * weight
-                for index in range(VOCAB_SIZE):  # d log p(token) / d logit = onehot - p
-                    gradient[index] += coefficient * weight * ((index == token) - probs[index])
+        gradient, loss = _policy_gradient(
+            samples, normalized.advantages, normalized.token_weights, probs, options
+        )
         scale = 1.0 / (total_tokens + 1e-6)
         grad_norm = math.sqrt(math.fsum((g * scale) ** 2 for g in gradient))
         new_logits = [
@@ -266,6 +244,38 @@ class StrictBackend:
                 if advantage != 0.0 and token_ids:
                     samples.append(_Sample(token_ids, old, advantage))
         return samples
+
+
+def _policy_gradient(
+    samples: Sequence[_Sample],
+    advantages: Sequence[float],
+    weights: Sequence[float],
+    probs: Sequence[float],
+    options: TrainOptions,
+) -> tuple[list[float], float]:
+    """The summed gradient of the clipped objective w.r.t. the logits, and the summed loss (unscaled)."""
+    eps_low = options.epsilon if options.epsilon is not None else (0.2 if options.ppo else 1.0)
+    eps_high = options.epsilon_high if options.epsilon_high is not None else (eps_low if options.ppo else 4.0)
+    gradient = [0.0] * VOCAB_SIZE
+    loss = 0.0
+    for sample, advantage, weight in zip(samples, advantages, weights, strict=True):
+        deltas = [
+            math.log(probs[t]) - old for t, old in zip(sample.token_ids, sample.old_logprobs, strict=True)
+        ]
+        sequence_ratio = math.exp(math.fsum(deltas) / len(deltas))
+        for token, delta in zip(sample.token_ids, deltas, strict=True):
+            ratio = _importance_ratio(math.exp(delta), sequence_ratio, options.importance_sampling_level)
+            clipped = min(max(ratio, 1 - eps_low), 1 + eps_high)
+            if options.ppo:
+                active = ratio * advantage <= clipped * advantage  # the unclipped branch is the minimum
+                coefficient = ratio * advantage if active else 0.0
+                loss -= min(ratio * advantage, clipped * advantage) * weight
+            else:
+                coefficient = clipped * advantage
+                loss -= clipped * advantage * math.log(probs[token]) * weight
+            for index in range(VOCAB_SIZE):  # d log p(token) / d logit = onehot - p
+                gradient[index] += coefficient * weight * ((index == token) - probs[index])
+    return gradient, loss
 
 
 def _importance_ratio(token_ratio: float, sequence_ratio: float, level: str) -> float:
