@@ -63,6 +63,7 @@ class StrictServer:
             self._thread.join(timeout=10)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
+        # size: builds the handler class around this server; each of its methods (one per route) is short
         server = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -5,6 +5,9 @@ session, model, sampler, checkpoint; malformed values) raise ``UserError``/``Not
 fast; failures while a request runs become failed futures (category ``user`` for bad input, ``server`` else).
 """
 
+# size: one method per SDK route over one shared state (sessions, models, samplers, futures); each is short,
+# and splitting the class by route would scatter the locking that keeps that state consistent.
+
 from __future__ import annotations
 
 import asyncio
