@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import art_core as art
+from art_core.plugin_api import atomic_replace_dir
 from art_local.demo.task import Triple, messages, split_triples
 
 if TYPE_CHECKING:
@@ -191,31 +190,14 @@ def _write_model_dir(
     """Copy the base model's files, replace its weights, then rename into place (atomic; a lost race is fine)."""
     from safetensors.torch import save_file
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    def write(staging: Path) -> None:
         for source in base_model.iterdir():
             if source.is_file() and source.name != "model.safetensors":
                 shutil.copy2(source, staging / source.name)
         tensors = {key: value.detach().cpu().contiguous() for key, value in weights.items()}
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "warm_start.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        for path in staging.iterdir():
-            _fsync(path)
-        _fsync(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "warm_start.json").is_file():
-                raise
-        _fsync(target.parent)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    atomic_replace_dir(target, write, keep_existing=True)
+    if not (target / "warm_start.json").is_file():
+        raise FileExistsError(f"{target} exists but holds no warm start; delete it and run again")
