@@ -21,7 +21,11 @@ from art_tinker.server.wire import DatumArrays, SampledSequence
 
 @dataclass(frozen=True)
 class AdamSpec:
-    """One optimizer step's hyper-parameters (the SDK's ``AdamParams``)."""
+    """One optimizer step's hyper-parameters (the SDK's ``AdamParams``).
+
+    The defaults are the SDK's own, for any client that omits a field; ``TinkerBackend`` always sends
+    ``art_core.plugin_api.ADAMW``'s values, the step art-local takes.
+    """
 
     learning_rate: float
     beta1: float = 0.9
