@@ -181,3 +181,44 @@ class TestLocalBackendSFTConformance(SFTChecks):
     @pytest.fixture
     def fresh_backend(self, tmp_path: Path) -> Callable[[], LocalBackend]:
         return lambda: LocalBackend(str(tmp_path / "conformance"), device="cpu")
+
+
+async def test_train_devices_sft_matches_one_process_and_rl_resumes_on_the_workers(
+    tmp_path: Path, tiny_model_dir: Path, make_choice: Any
+) -> None:
+    """Two gloo worker processes (torchrun) take the same SFT steps as one process: loss, weights, checkpoint."""
+    from safetensors.torch import load_file
+
+    from art_local.distributed import DistributedConfig
+
+    two_gloo = DistributedConfig(
+        nproc_per_node=2, device="cpu", start_timeout_s=240, request_timeout_s=150, collective_timeout_s=120
+    )
+    config = TrainerConfig(lora_rank=4, max_sequence_length=48, micro_batch_rows=1)
+    data = sort_trajectories(split_triples()[0][:12])
+    multi = LocalBackend(str(tmp_path / "multi"), device="cpu", trainer_config=config, train_devices=two_gloo)
+    single = LocalBackend(str(tmp_path / "single"), device="cpu", trainer_config=config)
+    model = art.TrainableModel(name="m", project="p", base_model=str(tiny_model_dir))
+    twin = art.TrainableModel(name="m", project="p", base_model=str(tiny_model_dir))
+    try:
+        await model.register(multi)
+        await single.register(twin)
+        options: dict[str, Any] = {"learning_rate": 1e-2, "batch_size": 4, "epochs": 2, "warmup_ratio": 0.2}
+        result = await multi.train_sft(model, data, **options)
+        expected = await single.train_sft(twin, data, **options)
+        assert result.step == expected.step == 1 and result.checkpoint_path and expected.checkpoint_path
+        for key in ("loss/sft", "loss/sft_first_batch", "loss/sft_last_batch", "data/sft_trained_tokens"):
+            assert result.metrics[key] == pytest.approx(expected.metrics[key], rel=1e-4), key
+        files = sorted(p.name for p in Path(expected.checkpoint_path).glob("*.safetensors"))
+        assert files and files == sorted(p.name for p in Path(result.checkpoint_path).glob("*.safetensors"))
+        for name in files:
+            a, b = (load_file(Path(d) / name) for d in (result.checkpoint_path, expected.checkpoint_path))
+            assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
+        group = art.TrajectoryGroup(
+            art.Trajectory(messages_and_choices=[*messages(t), make_choice(text)], reward=reward)
+            for t, text, reward in ((("c", "a", "b"), "abc", 1.0), (("c", "a", "b"), "cab", 0.0))
+        )
+        assert (await multi.train(model, [group], learning_rate=1e-3)).step == 2
+    finally:
+        await multi.close()
+        await single.close()

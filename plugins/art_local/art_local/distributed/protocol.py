@@ -52,6 +52,7 @@ class TrainRequest:
     plot_path: str | None = None
     checkpoint_dir: str | None = None
     return_weights: bool = False
+    sft: bool = False  # the loss is the mean NLL of the trained tokens (train_sft), not docs/rl-math.md §3
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,26 @@ def forward_backward_shared(
     return dict(zip(keys, _sum_over_ranks(parallel, [shares[key] for key in keys]), strict=True))
 
 
+def sft_forward_backward_shared(
+    parallel: Parallel, micros: list[TrainBatch | None], config: TrainerConfig, *, total_tokens: int
+) -> dict[str, float]:
+    """This rank's share of the SFT loss (mean NLL over the whole batch's trained tokens), summed over ranks."""
+    forward = functools.partial(_policy_forward, parallel, config.logprob_calculation_chunk_size)
+    share = 0.0
+    for index, micro in enumerate(micros):
+        with gradient_sync(parallel, enabled=index == len(micros) - 1):
+            if micro is None:
+                logprobs_BT, _ = forward(dummy_batch(parallel.components.device))
+                loss = logprobs_BT.sum() * 0.0
+            else:
+                logprobs_BT, _ = forward(micro)
+                mask_BT = micro.loss_mask_BT
+                loss = -torch.where(mask_BT, logprobs_BT, torch.zeros_like(logprobs_BT)).sum() / total_tokens
+                share += float(loss.detach())
+            torch.autograd.backward(loss * parallel.world_size)  # the sum of the ranks' gradients, as above
+    return {"loss/sft": _sum_over_ranks(parallel, [share])[0]}
+
+
 def _plot(
     parallel: Parallel,
     batch: TrainBatch,
@@ -237,11 +257,17 @@ def train_step(
     *,
     precalculate_logprobs: bool = False,
     plot_path: Path | None = None,
+    sft: bool = False,
 ) -> tuple[TrainingState, dict[str, float]]:
-    """Precalculate/plot if asked, forward/backward over all ranks, one AdamW step; same state on every rank."""
+    """Precalculate/plot if asked, forward/backward over all ranks, one AdamW step; same state on every rank.
+
+    ``sft``: the loss is the batch's mean NLL (``train_sft``) and the caller sets the step it reports."""
     if batch is None:
         return dataclasses.replace(state, step=state.step + 1, grad_norm=0.0), {}
     micros = local_micro_batches(parallel, batch, config.micro_batch_rows)
+    if sft:
+        metrics = sft_forward_backward_shared(parallel, micros, config, total_tokens=batch.num_trained_tokens)
+        return optim_step(parallel.components, state, config, tokens=batch.num_trained_tokens), metrics
     chunk = config.logprob_calculation_chunk_size
     current = current_logprobs(parallel, micros, chunk) if precalculate_logprobs or plot_path else []
     if precalculate_logprobs:

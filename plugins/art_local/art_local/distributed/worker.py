@@ -171,6 +171,7 @@ def _train(me: Rank, parallel: Parallel, request: TrainRequest) -> TrainReply:
         request.config,
         precalculate_logprobs=request.precalculate_logprobs,
         plot_path=plot_path,
+        sft=request.sft,
     )
     weights = None
     if request.checkpoint_dir is not None or request.return_weights:
