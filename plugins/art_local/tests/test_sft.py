@@ -222,3 +222,39 @@ async def test_train_devices_sft_matches_one_process_and_rl_resumes_on_the_worke
     finally:
         await multi.close()
         await single.close()
+
+
+async def test_a_jsonl_file_with_tools_and_tool_calls_trains_the_calls(
+    backend: LocalBackend, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    }
+    record = {
+        "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "3 degrees"},
+            {"role": "assistant", "content": "3 degrees"},
+        ],
+        "tools": [tool],
+    }
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
+    model = await _model(backend, tiny_model_dir)
+    data = list(art.read_sft_jsonl(path))
+    result = await backend.train_sft(model, data, batch_size=2, save_checkpoint=False)
+    assert result.step == 1 and result.metrics["data/sft_examples"] == 2
+    tokenizer = backend._slots[model.name].tokenizer
+    ((tokens, trained),) = sft_examples(
+        sft_conversations(data[:1], "all"), tokenizer, max_sequence_length=2048
+    )
+    targets = tokenizer.decode([t for t, flag in zip(tokens, trained, strict=True) if flag])
+    context = tokenizer.decode([t for t, flag in zip(tokens, trained, strict=True) if not flag])
+    assert "get_weather" in targets and "Oslo" in targets and "3 degrees" in targets  # both assistant turns
+    assert "get_weather" in context  # the tool schema is in the prompt too
