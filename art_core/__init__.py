@@ -18,10 +18,10 @@ from art_core.migration import TrainConfig
 from art_core.model import Model, TrainableModel
 from art_core.plugins import list_backends, list_reporters, load_backend
 from art_core.results import LocalTrainResult, ServerlessTrainResult, TinkerTrainResult, TrainResult
+from art_core.train_options import TrainOptions
 from art_core.trajectories import History, Trajectory, TrajectoryGroup
 from art_core.utils import retry
-
-__version__ = "0.1.0"
+from art_core.version import __version__
 
 __all__ = [
     "Backend",
@@ -34,6 +34,7 @@ __all__ = [
     "RolloutTimeoutError",
     "TooManyExceptionsError",
     "TrainConfig",
+    "TrainOptions",
     "TrainResult",
     "TrainableBackend",
     "TrainableModel",

@@ -7,6 +7,9 @@ groups, ...)`` takes one optimizer step per call, writes ``checkpoints/{step:04d
 weights to the server. ``backend.train()`` never logs: call ``model.log(...)``.
 """
 
+# size: the Backend protocol, train(), train_sft() and fork_checkpoint() with their many keyword options, each
+# a thin step into art_local.training/inference; the option lists are the public API and are long by design.
+
 from __future__ import annotations
 
 import asyncio
@@ -23,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO, TypeVar
 
-from art_core.advantages import check_advantage_balance
-from art_core.backend import ImportanceSamplingLevel
 from art_core.model import Model, TrainableModel
+from art_core.plugin_api import ImportanceSamplingLevel, TrainOptions, atomic_replace_dir, check_groups
 from art_core.results import LocalTrainResult
-from art_core.trajectories import TrajectoryGroup, check_groups
+from art_core.trajectories import TrajectoryGroup
 from art_local.openmp import releasing_openmp_workers
 
 if TYPE_CHECKING:
@@ -86,16 +88,12 @@ SERVING_ADAPTERS_KEPT = 2
 
 
 def write_serving_adapter(peft_model: Any, model_dir: Path, step: int) -> Path:
-    """Write only the peft adapter of ``step`` to ``{model_dir}/serving/{step:04d}`` (atomically) for an engine
-    that loads adapters from disk, and remove all but the newest ``SERVING_ADAPTERS_KEPT`` such directories."""
+    """Write only the peft adapter of ``step`` to ``{model_dir}/serving/{step:04d}`` (atomically and durably) for
+    an engine that loads adapters from disk, and remove all but the newest ``SERVING_ADAPTERS_KEPT`` of them."""
     root = model_dir / "serving"
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{step:04d}"
-    staging = root / f".tmp-{step:04d}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    peft_model.save_pretrained(str(staging))
-    shutil.rmtree(target, ignore_errors=True)
-    os.rename(staging, target)
+    target = atomic_replace_dir(
+        root / f"{step:04d}", lambda staging: peft_model.save_pretrained(str(staging))
+    )
     for old in sorted(p for p in root.iterdir() if p.name.isdigit())[:-SERVING_ADAPTERS_KEPT]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -315,6 +313,15 @@ class LocalBackend:
         A batch without a trainable group still advances the step (0 gradient steps). ``save_checkpoint=False``
         writes nothing under ``checkpoints/``. ``plot_tensors=True`` writes ``tensors/{step:04d}.png``.
         """
+        TrainOptions(
+            learning_rate=learning_rate,
+            ppo=ppo,
+            epsilon=epsilon,
+            epsilon_high=epsilon_high,
+            advantage_balance=advantage_balance,
+            scale_rewards=scale_rewards,
+            importance_sampling_level=importance_sampling_level,
+        )
         from art_local.training import LossConfig
         from art_local.training.call import CallOptions
 
@@ -337,7 +344,6 @@ class LocalBackend:
             loss=loss,
             logprob_calculation_chunk_size=logprob_calculation_chunk_size,
         )
-        check_advantage_balance(advantage_balance)
         groups = check_groups(trajectory_groups)
         options = CallOptions(
             scale_rewards=scale_rewards,

@@ -375,7 +375,9 @@ def test_vllm_engine_is_refused_for_a_full_fine_tune(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-def test_serving_adapter_is_a_loadable_peft_directory_and_old_ones_go(tmp_path: Path) -> None:
+def test_serving_adapter_is_a_loadable_peft_directory_and_old_ones_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import peft
     import torch
     from transformers import AutoModelForCausalLM
@@ -388,8 +390,21 @@ def test_serving_adapter_is_a_loadable_peft_directory_and_old_ones_go(tmp_path: 
         AutoModelForCausalLM.from_pretrained(base),
         peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )
+    import os
+
+    from art_core import durable
+
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        durable.os,
+        "fsync",
+        lambda fd: fsynced.append(os.path.realpath(f"/proc/self/fd/{fd}")) or real_fsync(fd),
+    )
     for step in (1, 2, 3):
         directory = write_serving_adapter(model, tmp_path, step)
+    assert any(path.endswith("adapter_model.safetensors") for path in fsynced)  # durable before it is served
+    assert str(tmp_path / "serving") in fsynced
     assert sorted(p.name for p in (tmp_path / "serving").iterdir()) == ["0002", "0003"]
     assert (directory / "adapter_config.json").is_file()
     reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(directory))

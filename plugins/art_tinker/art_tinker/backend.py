@@ -5,6 +5,9 @@ one sampling client per step serving ``name@step`` through art-local's OpenAI-co
 ``tinker_run.json`` under ``model.output_dir()`` mapping the model to its Tinker runs and checkpoints.
 """
 
+# size: the Backend protocol plus train(), train_sft() and fork_checkpoint() with their keyword options; the
+# step logic itself lives in steps.py and sft.py.
+
 from __future__ import annotations
 
 import asyncio
@@ -15,11 +18,10 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
-from art_core.advantages import check_advantage_balance
-from art_core.backend import ImportanceSamplingLevel
 from art_core.model import Model, TrainableModel
+from art_core.plugin_api import ImportanceSamplingLevel, TrainOptions, check_number
 from art_core.results import TinkerTrainResult
 from art_core.trajectories import TrajectoryGroup
 from art_tinker import steps
@@ -276,11 +278,19 @@ class TinkerBackend:
         verbose: bool = False,
     ) -> TinkerTrainResult:
         """One RL step on Tinker: advantages (art_core) -> forward_backward -> optim_step -> save -> serve."""
-        state = self._state(model)
-        check_advantage_balance(advantage_balance)
-        _check_options(
-            learning_rate, epsilon, epsilon_high, importance_sampling_level, truncated_importance_sampling
+        TrainOptions(
+            learning_rate=learning_rate,
+            ppo=ppo,
+            epsilon=epsilon,
+            epsilon_high=epsilon_high,
+            advantage_balance=advantage_balance,
+            scale_rewards=scale_rewards,
+            importance_sampling_level=importance_sampling_level,
         )
+        check_number(
+            "truncated_importance_sampling", truncated_importance_sampling, above=0.0, allow_none=True
+        )
+        state = self._state(model)
         lora = LoraChoice(self._lora_rank, train_mlp, train_attn, train_unembed)
         if not (train_mlp or train_attn or train_unembed):
             raise ValueError("train_mlp, train_attn and train_unembed are all False; LoRA needs at least one")
@@ -355,26 +365,6 @@ class TinkerBackend:
         assert state.record is not None
         state.save_record(state.record.with_step(step, saved))
         return saved
-
-
-def _check_options(
-    learning_rate: float,
-    epsilon: float | None,
-    epsilon_high: float | None,
-    level: str,
-    truncated: float | None,
-) -> None:
-    if not (math.isfinite(learning_rate) and learning_rate >= 0):
-        raise ValueError(f"learning_rate={learning_rate} must be a finite number >= 0")
-    for name, value in (("epsilon", epsilon), ("epsilon_high", epsilon_high)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name}={value} must be a finite number >= 0, or None for the default")
-    if level not in get_args(ImportanceSamplingLevel):
-        raise ValueError(
-            f"importance_sampling_level={level!r}; use one of {get_args(ImportanceSamplingLevel)}"
-        )
-    if truncated is not None and not truncated > 0:
-        raise ValueError(f"truncated_importance_sampling={truncated} must be > 0, or None to turn it off")
 
 
 __all__ = ["TinkerBackend"]
