@@ -37,7 +37,7 @@ $(VLLM_STAMP):
 vllm-venv: $(VLLM_STAMP)
 
 lint: install
-	$(BIN)/ruff check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 typecheck: install
 	$(BIN)/mypy

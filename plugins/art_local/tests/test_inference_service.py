@@ -242,7 +242,9 @@ async def test_publish_reuses_evicted_modules_but_never_one_a_request_still_deco
     client, engine = client_for(service), hf_engine(service)
     expected = {}
     for step in (1, 5, 6):  # each step's own output, from a module that was never reused
-        await service.add_model(f"ref{step}", base_model=tiny, step=step, weights=kept[step], load_step=kept.get)
+        await service.add_model(
+            f"ref{step}", base_model=tiny, step=step, weights=kept[step], load_step=kept.get
+        )
         expected[step] = await greedy(client, f"ref{step}", tokens=400)
     base = await greedy(client, "agent@0", tokens=400)
     await service.publish("agent", 1, kept[1])
