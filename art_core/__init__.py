@@ -18,17 +18,23 @@ from art_core.migration import TrainConfig
 from art_core.model import Model, TrainableModel
 from art_core.plugins import list_backends, list_reporters, load_backend
 from art_core.results import LocalTrainResult, ServerlessTrainResult, TinkerTrainResult, TrainResult
+from art_core.sft import AssistantTurns, LearningRateSchedule, SFTBackend
+from art_core.sft_data import SFTDataError, read_sft_jsonl
 from art_core.train_options import TrainOptions
 from art_core.trajectories import History, Trajectory, TrajectoryGroup
 from art_core.utils import retry
 from art_core.version import __version__
 
 __all__ = [
+    "AssistantTurns",
     "Backend",
     "History",
     "ImportanceSamplingLevel",
+    "LearningRateSchedule",
     "LocalTrainResult",
     "Model",
+    "SFTBackend",
+    "SFTDataError",
     "ServerlessTrainResult",
     "TinkerTrainResult",
     "RolloutTimeoutError",
@@ -50,6 +56,7 @@ __all__ = [
     "list_reporters",
     "load_backend",
     "normalize_batch",
+    "read_sft_jsonl",
     "retry",
     "rewards",
     "utils",

@@ -46,3 +46,20 @@ async def wrong_values_and_the_old_api(model: art.TrainableModel, groups: Groups
     dev_config: art.dev.TrainConfig = {"scale_reward": False}
     # expect-error: deprecated/reportDeprecated "deprecated"
     await model.train(groups, _config=dev_config)
+
+
+async def sft_options_a_backend_does_not_have(
+    model: art.TrainableModel, data: list[art.Trajectory], backend: art.SFTBackend
+) -> None:
+    serverless = ServerlessBackend(api_key="key")
+    # expect-error: call-arg/reportCallIssue "save_checkpoint"
+    await serverless.train_sft(model, data, save_checkpoint=False)
+    local = LocalBackend()
+    # expect-error: call-arg/reportCallIssue "train_unembed"
+    await local.train_sft(model, data, train_unembed=True)
+    # expect-error: arg-type/reportArgumentType "first"
+    await local.train_sft(model, data, assistant_turns="first")
+    # expect-error: call-arg/reportCallIssue "verbose"
+    await backend.train_sft(model, data, verbose=True)
+    # expect-error: list-item/reportArgumentType "TrajectoryGroup"
+    await backend.train_sft(model, [art.TrajectoryGroup([])])

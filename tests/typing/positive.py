@@ -120,3 +120,17 @@ async def third_party(model: art.TrainableModel, groups: Groups) -> None:
     result = await backend.train(model, groups, learning_rate=0.5, max_grad_norm=1.0, verbose=True)
     assert_type(result, art.TrainResult)
     assert_type(await agnostic_step(backend, model, groups), art.TrainResult)
+
+
+async def sft_then_rl(model: art.TrainableModel, data: list[art.Trajectory], groups: Groups) -> None:
+    """Every backend is an SFTBackend; each keeps its own typed SFT options."""
+    backends: list[art.SFTBackend] = [LocalBackend(), ServerlessBackend(api_key="k"), TinkerBackend()]
+    for backend in backends:
+        result: art.TrainResult = await backend.train_sft(model, data, learning_rate=1e-4, schedule="constant")
+        print(result.step)
+    local = await LocalBackend().train_sft(model, data, epochs=2, save_checkpoint=False, verbose=True)
+    print(local.checkpoint_path)
+    tinker = await TinkerBackend().train_sft(model, data, assistant_turns="last", deploy_checkpoint=True)
+    print(tinker.sampler_path)
+    for trajectory in art.read_sft_jsonl("data.jsonl"):
+        print(trajectory.tools)

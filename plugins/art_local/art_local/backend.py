@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO, TypeVar
 from art_core.model import Model, TrainableModel
 from art_core.plugin_api import ImportanceSamplingLevel, TrainOptions, atomic_replace_dir, check_groups
 from art_core.results import LocalTrainResult
-from art_core.trajectories import TrajectoryGroup
+from art_core.sft import AssistantTurns, LearningRateSchedule, SFTOptions
+from art_core.trajectories import Trajectory, TrajectoryGroup
 from art_local.openmp import releasing_openmp_workers
 
 if TYPE_CHECKING:
@@ -356,6 +357,39 @@ class LocalBackend:
         )
         async with slot.train_lock:
             return await self._train_locked(slot, groups, config, options, save_checkpoint)
+
+    async def train_sft(
+        self,
+        model: TrainableModel,
+        trajectories: Iterable[Trajectory],
+        /,
+        *,
+        learning_rate: float = 1e-4,
+        epochs: int = 1,
+        batch_size: int = 8,
+        assistant_turns: AssistantTurns = "all",
+        schedule: LearningRateSchedule = "cosine",
+        warmup_ratio: float = 0.0,
+        shuffle_seed: int | None = 0,
+        save_checkpoint: bool = True,
+        verbose: bool = False,
+    ) -> LocalTrainResult:
+        """Supervised fine-tuning on the assistant turns of ``trajectories`` (art_core.sft): one step of the
+        model, written to ``checkpoints/{step:04d}/`` and served as ``name@step`` like a ``train()`` step."""
+        from art_local.sft import train_sft
+
+        options = SFTOptions(
+            learning_rate=learning_rate,
+            epochs=epochs,
+            batch_size=batch_size,
+            assistant_turns=assistant_turns,
+            schedule=schedule,
+            warmup_ratio=warmup_ratio,
+            shuffle_seed=shuffle_seed,
+        )
+        return await train_sft(
+            self, model, trajectories, options, save_checkpoint=save_checkpoint, verbose=verbose
+        )
 
     # -- checkpoint forking -----------------------------------------------------------------------------------
 

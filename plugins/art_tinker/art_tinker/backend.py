@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from art_core.model import Model, TrainableModel
 from art_core.plugin_api import ImportanceSamplingLevel, TrainOptions, check_number
 from art_core.results import TinkerTrainResult
-from art_core.trajectories import TrajectoryGroup
+from art_core.sft import AssistantTurns, LearningRateSchedule, SFTOptions
+from art_core.trajectories import Trajectory, TrajectoryGroup
 from art_tinker import steps
 from art_tinker.inference import TinkerSamplingEngine
 from art_tinker.runs import LoraChoice, RunRecord, StepCheckpoint, read_record, write_record
@@ -331,6 +332,54 @@ class TinkerBackend:
             state_path=saved.state_path,
             sampler_path=saved.sampler_path,
             deployed=deploy_checkpoint,
+        )
+
+    async def train_sft(
+        self,
+        model: TrainableModel,
+        trajectories: Iterable[Trajectory],
+        /,
+        *,
+        learning_rate: float = 1e-4,
+        epochs: int = 1,
+        batch_size: int = 8,
+        assistant_turns: AssistantTurns = "all",
+        schedule: LearningRateSchedule = "cosine",
+        warmup_ratio: float = 0.0,
+        shuffle_seed: int | None = 0,
+        save_checkpoint: bool = True,
+        deploy_checkpoint: bool = False,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = False,
+        verbose: bool = False,
+    ) -> TinkerTrainResult:
+        """Supervised fine-tuning with Tinker's cross-entropy (art_core.sft): one step, saved and served as
+        ``name@step`` like a ``train()`` step; the LoRA choices are those of ``train()``."""
+        from art_tinker.sft import train_sft
+
+        options = SFTOptions(
+            learning_rate=learning_rate,
+            epochs=epochs,
+            batch_size=batch_size,
+            assistant_turns=assistant_turns,
+            schedule=schedule,
+            warmup_ratio=warmup_ratio,
+            shuffle_seed=shuffle_seed,
+        )
+        if not (train_mlp or train_attn or train_unembed):
+            raise ValueError("train_mlp, train_attn and train_unembed are all False; LoRA needs at least one")
+        lora = LoraChoice(self._lora_rank, train_mlp, train_attn, train_unembed)
+        return await train_sft(
+            self,
+            model,
+            trajectories,
+            options,
+            lora,
+            save_checkpoint=save_checkpoint,
+            deploy_checkpoint=deploy_checkpoint,
+            verbose=verbose,
+            timeout_s=REQUEST_TIMEOUT_S,
         )
 
     async def _save_step(
