@@ -619,6 +619,10 @@ class LocalBackend:
                     is_lora=is_lora,
                     workers=workers,
                 )
+            if self._config.memory_check:
+                from art_local.training.memory import check_memory_fits
+
+                check_memory_fits(base_model, self._config, device=self._device)  # refuses before loading
             components = build_components(base_model, self._config, device=self._device)
             checkpoints = _checkpoints_dir(model)
             remove_stale_temporaries(checkpoints)

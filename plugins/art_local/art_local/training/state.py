@@ -18,6 +18,10 @@ from art_core.plugin_api import ADAMW, check_number
 from art_local.training.loss import LossConfig
 
 DTypeName: TypeAlias = Literal["auto", "float32", "bfloat16", "float16"]
+Checkpointing: TypeAlias = bool | Literal["auto"]
+
+# ``activation_checkpointing="auto"`` turns it on for models at least this large on CUDA (see the README).
+AUTO_CHECKPOINTING_MIN_PARAMETERS = 1_000_000_000
 
 # Device types whose fused AdamW kernel ships with every torch this package supports.
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
@@ -41,6 +45,10 @@ _FINGERPRINT_FIELDS = (
 class TrainerConfig:
     """Trainer hyper-parameters. ``lora_rank=None`` means full fine-tuning.
 
+    ``activation_checkpointing`` recomputes each decoder layer in the backward pass instead of keeping its
+    activations (``"auto"``: on for CUDA and models of 1B parameters or more); ``memory_check=False`` skips
+    ``LocalBackend.register``'s refusal when ``plan_memory`` says the device cannot hold training.
+
     ``learning_rate`` and ``loss`` are per optimizer step (``LocalBackend.train`` sets them per call);
     ``fingerprint()`` covers only what makes a checkpoint incompatible with another run.
     """
@@ -59,6 +67,8 @@ class TrainerConfig:
     micro_batch_rows: int | None = None
     seed: int = 0
     loss: LossConfig = field(default_factory=LossConfig)
+    activation_checkpointing: Checkpointing = "auto"
+    memory_check: bool = True
 
     def __post_init__(self) -> None:
         if self.lora_rank is not None and self.lora_rank <= 0:
@@ -76,6 +86,10 @@ class TrainerConfig:
                 f"micro_batch_rows={self.micro_batch_rows} must be positive or None (all rows at once)"
             )
         check_number("learning_rate", self.learning_rate, above=0.0, fix="pass e.g. learning_rate=5e-6")
+        if self.activation_checkpointing not in (True, False, "auto"):
+            raise ValueError(
+                f"activation_checkpointing={self.activation_checkpointing!r} must be True, False or 'auto'"
+            )
 
     @property
     def full_fine_tune(self) -> bool:
@@ -141,6 +155,13 @@ def resolve_dtype(name: DTypeName, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def uses_activation_checkpointing(setting: Checkpointing, device: torch.device, num_parameters: int) -> bool:
+    """What ``activation_checkpointing`` means for a model of ``num_parameters`` on ``device``."""
+    if setting == "auto":
+        return device.type == "cuda" and num_parameters >= AUTO_CHECKPOINTING_MIN_PARAMETERS
+    return bool(setting)
+
+
 def check_base_model(base_model: str | Path) -> str:
     """Fail early and clearly when ``base_model`` is neither a model directory nor a reachable hub id."""
     text = str(base_model)
@@ -203,6 +224,9 @@ def build_components(
     model: Any = AutoModelForCausalLM.from_pretrained(name, dtype=load_dtype, attn_implementation=attention)
     model.to(target_device)
     model.config.use_cache = False
+    if uses_activation_checkpointing(config.activation_checkpointing, target_device, model.num_parameters()):
+        # non-reentrant: LoRA's frozen inputs need no requires_grad hook, and DDP/FSDP accept it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(config.seed)
     if config.lora_rank is not None:
         from peft import LoraConfig, get_peft_model

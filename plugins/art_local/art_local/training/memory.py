@@ -1,0 +1,247 @@
+"""Know before you run out of memory: an estimate of one training step's peak, and a refusal when it cannot fit.
+
+The estimate counts what a step holds at once: weights (fp32 master weights for a full fine-tune, the compute
+dtype for a frozen LoRA base), gradients and AdamW's two moments for the trainable parameters, the frozen
+reference model of a full fine-tune with a KL penalty, the decoder's saved activations (every layer's, or with
+activation checkpointing only each layer's input plus one layer recomputed), the packed-row attention mask, and
+one chunk of logits (never the whole sequence: see ``logprobs.py``). The activation coefficients were fitted
+to ``bench/memory.py``'s CPU measurements (Llama-style layers, sdpa attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from art_local.training.state import (
+    TrainerConfig,
+    resolve_device,
+    resolve_dtype,
+    uses_activation_checkpointing,
+)
+
+GIB = 1024**3
+# Bytes per token and layer of saved activations, in units of the compute dtype: SAVED_PER_HIDDEN × hidden +
+# SAVED_PER_MLP × intermediate (norm inputs, q/k/v/o inputs and outputs, residuals; gate, up and their product).
+SAVED_PER_HIDDEN = 10
+SAVED_PER_MLP = 6
+# fp32 copies of one logits chunk alive at the peak (logits, exp for logsumexp, softmax for the entropy, its
+# product with the logits, their gradient in the recomputed backward).
+LOGIT_COPIES = 5
+WORKSPACE_BYTES = 256 * 1024**2  # allocator slack, autograd bookkeeping, BLAS and attention workspaces
+
+
+class MemoryPlanError(RuntimeError):
+    """The device cannot hold training as configured (the message has the numbers and what would fit)."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated peak bytes of one training step, by part."""
+
+    device: str
+    parameters: int
+    trainable_parameters: int
+    activation_checkpointing: bool
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    reference_bytes: int
+    activations_bytes: int
+    logits_bytes: int
+    workspace_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """The estimated peak."""
+        return (
+            self.weights_bytes
+            + self.gradients_bytes
+            + self.optimizer_bytes
+            + self.reference_bytes
+            + self.activations_bytes
+            + self.logits_bytes
+            + self.workspace_bytes
+        )
+
+    def describe(self) -> str:
+        """``12.3 GiB (weights …, gradients …, …)``."""
+        parts = ("weights", "gradients", "optimizer", "reference", "activations", "logits", "workspace")
+        shown = [
+            f"{name} {gib(getattr(self, f'{name}_bytes'))}"
+            for name in parts
+            if getattr(self, f"{name}_bytes")
+        ]
+        return f"{gib(self.total_bytes)} ({', '.join(shown)})"
+
+
+def gib(size: int) -> str:
+    """``size`` bytes as ``1.23 GiB``."""
+    return f"{size / GIB:.2f} GiB"
+
+
+def _model_config(model_config_or_path: Any) -> Any:
+    if isinstance(model_config_or_path, (str, Path)):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(model_config_or_path))
+    return model_config_or_path
+
+
+def count_parameters(
+    model_config: Any, lora_rank: int | None, lora_targets: tuple[str, ...]
+) -> tuple[int, int]:
+    """(all parameters, trainable ones) of the model ``model_config`` describes, built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    if lora_rank is None:
+        return total, total
+    targets = set(lora_targets)
+    adapters = sum(
+        lora_rank * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    )
+    return total, adapters
+
+
+def plan_memory(
+    model_config_or_path: Any,
+    *,
+    sequence_length: int,
+    batch_rows: int,
+    trainer_config: TrainerConfig,
+    device: str | torch.device | None = None,
+) -> MemoryPlan:
+    """Estimate the peak memory of one training step of ``batch_rows`` rows × ``sequence_length`` tokens."""
+    if sequence_length < 1 or batch_rows < 1:
+        raise ValueError(f"sequence_length={sequence_length} and batch_rows={batch_rows} must both be ≥ 1")
+    model_config = _model_config(model_config_or_path)
+    target = resolve_device(device)
+    compute_bytes = resolve_dtype(trainer_config.dtype, target).itemsize
+    total, trainable = count_parameters(model_config, trainer_config.lora_rank, trainer_config.lora_targets)
+    checkpointing = uses_activation_checkpointing(trainer_config.activation_checkpointing, target, total)
+    full = trainer_config.full_fine_tune
+    weights = total * 4 if full else total * compute_bytes + trainable * 4
+    if full and compute_bytes < 4:
+        weights += total * compute_bytes  # autocast's low-precision copy of each weight
+    reference = total * compute_bytes if full and trainer_config.loss.kl_penalty_coef > 0 else 0
+    return MemoryPlan(
+        device=str(target),
+        parameters=total,
+        trainable_parameters=trainable,
+        activation_checkpointing=checkpointing,
+        weights_bytes=weights,
+        gradients_bytes=trainable * 4,
+        optimizer_bytes=trainable * 8,
+        reference_bytes=reference,
+        activations_bytes=activation_bytes(
+            model_config, sequence_length, batch_rows, compute_bytes, checkpointing
+        ),
+        logits_bytes=min(trainer_config.logprob_calculation_chunk_size, sequence_length * batch_rows)
+        * int(model_config.vocab_size)
+        * 4
+        * LOGIT_COPIES,
+        workspace_bytes=WORKSPACE_BYTES,
+    )
+
+
+def activation_bytes(
+    model_config: Any, sequence_length: int, batch_rows: int, compute_bytes: int, checkpointing: bool
+) -> int:
+    """Saved decoder activations of one forward, plus the attention mask and the gathered hidden states."""
+    hidden = int(model_config.hidden_size)
+    mlp = int(getattr(model_config, "intermediate_size", None) or 4 * hidden)
+    layers = int(model_config.num_hidden_layers)
+    tokens = sequence_length * batch_rows
+    one_layer = tokens * (SAVED_PER_HIDDEN * hidden + SAVED_PER_MLP * mlp) * compute_bytes
+    saved = (layers * tokens * hidden * compute_bytes + one_layer) if checkpointing else layers * one_layer
+    mask = batch_rows * sequence_length**2 * (1 + compute_bytes)  # bool mask and its additive float form
+    return saved + mask + 3 * tokens * hidden * 4
+
+
+def available_memory(device: str | torch.device | None = None) -> int:
+    """Bytes free for training: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of /proc/meminfo on CPU."""
+    target = resolve_device(device)
+    if target.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(target)
+        return int(free)
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable line; pass TrainerConfig(memory_check=False)")
+
+
+def _alternatives(config: TrainerConfig, batch_rows: int) -> list[tuple[str, TrainerConfig, int]]:
+    """(label, config, batch rows) of single changes that lower memory, then all of them together."""
+    changes: list[tuple[str, dict[str, Any], int]] = []
+    if config.activation_checkpointing is not True:
+        changes.append(("activation_checkpointing=True", {"activation_checkpointing": True}, batch_rows))
+    if config.full_fine_tune:
+        changes.append(("lora_rank=8", {"lora_rank": 8}, batch_rows))
+    if config.dtype in ("auto", "float32"):
+        changes.append(("dtype='bfloat16'", {"dtype": "bfloat16"}, batch_rows))
+    if config.logprob_calculation_chunk_size > 256:
+        changes.append(
+            ("logprob_calculation_chunk_size=256", {"logprob_calculation_chunk_size": 256}, batch_rows)
+        )
+    if batch_rows > 1:
+        changes.append(("micro_batch_rows=1", {"micro_batch_rows": 1}, 1))
+    result = [(label, dataclasses.replace(config, **fields), rows) for label, fields, rows in changes]
+    if len(changes) > 1:
+        combined: dict[str, Any] = {}
+        for _, fields, _ in changes:
+            combined |= fields
+        label = ", ".join(label for label, _, _ in changes)
+        result.append((label, dataclasses.replace(config, **combined), 1))
+    return result
+
+
+def check_memory_fits(
+    model_config_or_path: Any,
+    trainer_config: TrainerConfig,
+    *,
+    device: str | torch.device | None = None,
+    sequence_length: int | None = None,
+    batch_rows: int | None = None,
+    available_bytes: int | None = None,
+) -> MemoryPlan:
+    """The plan for ``max_sequence_length`` × ``micro_batch_rows`` (1 when unset); refuses what cannot fit."""
+    model_config = _model_config(model_config_or_path)
+    length = sequence_length or trainer_config.max_sequence_length
+    rows = batch_rows or trainer_config.micro_batch_rows or 1
+    plan = plan_memory(
+        model_config, sequence_length=length, batch_rows=rows, trainer_config=trainer_config, device=device
+    )
+    free = available_memory(device) if available_bytes is None else available_bytes
+    if plan.total_bytes <= free:
+        return plan
+    fitting = []
+    for label, config, alternative_rows in _alternatives(trainer_config, rows):
+        other = plan_memory(
+            model_config,
+            sequence_length=length,
+            batch_rows=alternative_rows,
+            trainer_config=config,
+            device=device,
+        )
+        if other.total_bytes <= free:
+            fitting.append(f"TrainerConfig({label}) → {gib(other.total_bytes)}")
+    advice = (
+        "options that would fit: " + "; ".join(fitting)
+        if fitting
+        else "no TrainerConfig option fits; use a smaller model, a shorter max_sequence_length or a larger device"
+    )
+    raise MemoryPlanError(
+        f"training {plan.parameters / 1e9:.2f}B parameters ({plan.trainable_parameters / 1e6:.1f}M trainable) on "
+        f"{plan.device} with sequence_length={length}, batch_rows={rows}, activation_checkpointing="
+        f"{plan.activation_checkpointing} needs about {plan.describe()}, but {gib(free)} is available; {advice}. "
+        "TrainerConfig(memory_check=False) skips this check"
+    )

@@ -1,0 +1,176 @@
+"""Memory: activation checkpointing keeps the maths and lowers the peak, logits stay chunk-sized, and
+``plan_memory`` refuses what the device cannot hold before anything loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import art_core as art
+from art_local.backend import LocalBackend
+from art_local.training import TrainerConfig, build_components, forward_backward
+from art_local.training.logprobs import causal_lm
+from art_local.training.measure_memory import save_random_model, synthetic_batch
+from art_local.training.memory import MemoryPlanError, check_memory_fits, plan_memory
+from art_local.training.state import uses_activation_checkpointing
+
+
+def test_activation_checkpointing_must_be_a_bool_or_auto() -> None:
+    with pytest.raises(ValueError, match=r"activation_checkpointing='yes' must be True, False or 'auto'"):
+        TrainerConfig(activation_checkpointing="yes")  # type: ignore[arg-type]
+
+
+def test_checkpointing_and_chunk_size_leave_the_fingerprint_alone() -> None:
+    base = TrainerConfig()
+    changed = TrainerConfig(
+        activation_checkpointing=True, logprob_calculation_chunk_size=64, memory_check=False
+    )
+    assert changed.fingerprint() == base.fingerprint()
+    # the fingerprint still sees the maths
+    assert TrainerConfig(lora_rank=4).fingerprint() != base.fingerprint()
+
+
+def test_auto_checkpointing_is_on_for_large_models_on_cuda_only() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert uses_activation_checkpointing("auto", cuda, 1_500_000_000)
+    assert not uses_activation_checkpointing("auto", cuda, 500_000_000)
+    assert not uses_activation_checkpointing("auto", cpu, 7_000_000_000)
+    assert uses_activation_checkpointing(True, cpu, 1000)
+    assert not uses_activation_checkpointing(False, cuda, 7_000_000_000)
+
+
+@pytest.mark.parametrize("lora_rank", [8, None], ids=["lora", "full"])
+def test_gradients_with_activation_checkpointing_equal_those_without(
+    tiny_model_dir: Path, lora_rank: int | None
+) -> None:
+    grads = {}
+    for checkpointing in (False, True):
+        config = TrainerConfig(lora_rank=lora_rank, activation_checkpointing=checkpointing)
+        components = build_components(tiny_model_dir, config, device="cpu")
+        lm: Any = causal_lm(components.model)
+        assert lm.is_activation_checkpointing is checkpointing
+        generator = torch.Generator().manual_seed(2)
+        for name, parameter in components.model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero, which would leave every lora_A gradient zero
+                parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
+        batch = synthetic_batch(2, 48, int(lm.config.vocab_size), seed=1)
+        forward_backward(components, batch, config)
+        grads[checkpointing] = {
+            name: parameter.grad.clone()
+            for name, parameter in components.model.named_parameters()
+            if parameter.grad is not None
+        }
+    assert grads[True].keys() == grads[False].keys() and grads[False]
+    for name, without in grads[False].items():
+        assert without.abs().sum() > 0, name
+        torch.testing.assert_close(grads[True][name], without, atol=1e-5, rtol=0, msg=name)
+
+
+def _measure(model_dir: Path, rows: int, sequence_length: int, config: dict[str, Any]) -> dict[str, Any]:
+    request = {
+        "model_dir": str(model_dir),
+        "rows": rows,
+        "sequence_length": sequence_length,
+        "optimizer_step": False,
+        "trainer_config": config,
+    }
+    completed = subprocess.run(
+        [sys.executable, "-m", "art_local.training.measure_memory", json.dumps(request)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["peak_reset"], "the peak counter could not be reset; the figures would include loading"
+    return result
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_lowers_the_peak_rss(tmp_path: Path) -> None:
+    model_dir = save_random_model(
+        tmp_path / "deep",
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+    )
+    without = _measure(model_dir, 1, 768, {"lora_rank": 8, "activation_checkpointing": False})
+    with_it = _measure(model_dir, 1, 768, {"lora_rank": 8, "activation_checkpointing": True})
+    assert with_it["loss"] == pytest.approx(without["loss"], abs=1e-6)
+    # the planner's estimate of what checkpointing saves here is ~125 MiB; demand at least half of it
+    assert with_it["step_growth_bytes"] < without["step_growth_bytes"] - 60 * 1024**2, (with_it, without)
+
+
+@pytest.mark.slow
+def test_a_150k_vocabulary_peaks_with_the_chunk_not_the_sequence(tmp_path: Path) -> None:
+    vocab, sequence, chunk = 150_000, 4096, 256
+    model_dir = save_random_model(
+        tmp_path / "wide-vocab",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        vocab_size=vocab,
+        max_position_embeddings=sequence,
+    )
+    config = {"lora_rank": 8, "logprob_calculation_chunk_size": chunk, "activation_checkpointing": False}
+    result = _measure(model_dir, 1, sequence, config)
+    full_logits = sequence * vocab * 4  # 2.3 GiB of fp32 logits if the sequence went through at once
+    assert result["step_growth_bytes"] < full_logits / 3, (result, full_logits)
+
+
+def test_register_refuses_a_model_the_device_cannot_hold(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = TrainerConfig(max_sequence_length=4096, activation_checkpointing=False)
+    needed = plan_memory(
+        tiny_model_dir, sequence_length=4096, batch_rows=1, trainer_config=config, device="cpu"
+    )
+    relieved = plan_memory(
+        tiny_model_dir,
+        sequence_length=4096,
+        batch_rows=1,
+        trainer_config=TrainerConfig(logprob_calculation_chunk_size=256, activation_checkpointing=True),
+        device="cpu",
+    )
+    assert relieved.total_bytes < needed.total_bytes
+    fake_free = (relieved.total_bytes + needed.total_bytes) // 2
+    with pytest.raises(MemoryPlanError) as refused:
+        check_memory_fits(tiny_model_dir, config, device="cpu", available_bytes=fake_free)
+    message = str(refused.value)
+    assert f"needs about {needed.describe()}" in message
+    assert f"{fake_free / 1024**3:.2f} GiB is available" in message
+    assert "options that would fit" in message and "memory_check=False" in message
+
+    monkeypatch.setattr("art_local.training.memory.available_memory", lambda device=None: fake_free)
+    backend = LocalBackend(str(tmp_path / "art"), device="cpu", trainer_config=config)
+    with pytest.raises(MemoryPlanError, match="options that would fit"):
+        await_register(backend, art.TrainableModel(name="m", project="p", base_model=str(tiny_model_dir)))
+    unchecked = LocalBackend(
+        str(tmp_path / "art2"),
+        device="cpu",
+        trainer_config=TrainerConfig(max_sequence_length=4096, memory_check=False),
+    )
+    await_register(unchecked, art.TrainableModel(name="m", project="p", base_model=str(tiny_model_dir)))
+
+
+def await_register(backend: LocalBackend, model: art.TrainableModel) -> None:
+    import asyncio
+
+    async def go() -> None:
+        try:
+            await backend.register(model)
+        finally:
+            await backend.close()
+
+    asyncio.run(go())
