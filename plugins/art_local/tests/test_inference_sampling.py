@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from art_local.inference.engine import SamplingParams
-from art_local.inference.sampling import DecodeBatch, DecodeStep, Row, Vocab, decode, sample_rows
+from art_local.inference.fast_decode import DecodeStep
+from art_local.inference.sampling import DecodeBatch, Row, Vocab, decode, sample_rows
 from art_local.tiny import build_tiny_model
 
 
@@ -242,7 +243,7 @@ def test_packed_decode_matmuls_follow_weights_changed_in_place(
     copies new weights into the module (what the server does every training step)."""
     import copy
 
-    from art_local.inference.sampling import PackedLinears
+    from art_local.inference.fast_decode import PackedLinears
 
     if not PackedLinears.available():
         pytest.skip("this torch has no oneDNN")
@@ -285,7 +286,7 @@ def test_packs_are_never_taken_for_another_object_that_got_a_freed_one_s_id(
     import copy
     import weakref
 
-    from art_local.inference.sampling import PackedLinears
+    from art_local.inference.fast_decode import PackedLinears
 
     if not PackedLinears.available():
         pytest.skip("this torch has no oneDNN")
