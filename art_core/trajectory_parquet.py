@@ -1,7 +1,7 @@
 """Trajectory groups ↔ ART's parquet layout (10 columns, zstd), written atomically.
 
-Columns are built directly as Arrow arrays rather than through row dicts, which is most of why our
-``Model.log`` is faster than ART's.
+Columns are built directly as Arrow arrays rather than through row dicts (``art_core.trajectory_columns``),
+which is most of why our ``Model.log`` is faster than ART's.
 
 ``Model.log`` *appends*: logging a split and step that already has a file rewrites it, atomically, as the old
 rows followed by the new ones (group indices continue), so validation logged in chunks, or train and val logged
@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from art_core.durable import atomic_write_with
-from art_core.trajectories import Trajectory, TrajectoryGroup, is_choice
+from art_core.trajectories import Trajectory, TrajectoryGroup
+from art_core.trajectory_columns import SCHEMA_VERSION as SCHEMA_VERSION
+from art_core.trajectory_columns import SCHEMA_VERSION_KEY as SCHEMA_VERSION_KEY
+from art_core.trajectory_columns import groups_to_table as groups_to_table
+from art_core.trajectory_columns import trajectory_schema as trajectory_schema
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -29,147 +33,6 @@ try:  # POSIX advisory locks serialise writers of one directory across threads a
     import fcntl
 except ImportError:  # pragma: no cover - Windows: writers of one directory are not serialised
     fcntl = None  # type: ignore[assignment]
-
-SCHEMA_VERSION = "1"
-SCHEMA_VERSION_KEY = b"art.trajectories.schema_version"
-MESSAGE_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "trainable")
-
-
-def trajectory_schema() -> pa.Schema:
-    """ART's schema, with the schema version in its metadata."""
-    import pyarrow as pa
-
-    message_type = pa.struct(
-        [
-            ("role", pa.string()),
-            ("content", pa.string()),
-            ("tool_calls", pa.string()),
-            ("tool_call_id", pa.string()),
-            ("trainable", pa.bool_()),
-        ]
-    )
-    return pa.schema(
-        [
-            ("group_index", pa.int64()),
-            ("group_metadata", pa.string()),
-            ("group_metrics", pa.string()),
-            ("group_logs", pa.list_(pa.string())),
-            ("reward", pa.float64()),
-            ("metrics", pa.string()),
-            ("metadata", pa.string()),
-            ("tools", pa.string()),
-            ("logs", pa.list_(pa.string())),
-            ("messages", pa.list_(message_type)),
-        ],
-        metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode()},
-    )
-
-
-def _json_or_none(value: Any) -> str | None:
-    return json.dumps(value, default=_json_default) if value else None
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _content_text(content: Any) -> str | None:
-    if content is None or isinstance(content, str):
-        return content
-    return json.dumps(content, default=_json_default)  # multi-part content
-
-
-class _MessageColumns:
-    """Flat child arrays of the ``messages`` list<struct> column, filled one message at a time."""
-
-    def __init__(self) -> None:
-        self.role: list[str | None] = []
-        self.content: list[str | None] = []
-        self.tool_calls: list[str | None] = []
-        self.tool_call_id: list[str | None] = []
-        self.trainable: list[bool] = []
-
-    def add(self, item: Any) -> None:
-        if is_choice(item):
-            message = item.message
-            self.role.append(message.role)
-            self.content.append(message.content)
-            calls = message.tool_calls
-            self.tool_calls.append(
-                json.dumps([call.model_dump(mode="json") for call in calls]) if calls else None
-            )
-            self.tool_call_id.append(None)
-            self.trainable.append(True)
-            return
-        self.role.append(item.get("role"))
-        self.content.append(_content_text(item.get("content")))
-        self.tool_calls.append(_json_or_none(item.get("tool_calls")))
-        self.tool_call_id.append(item.get("tool_call_id"))
-        self.trainable.append(False)
-
-    def __len__(self) -> int:
-        return len(self.role)
-
-
-def groups_to_table(groups: Sequence[TrajectoryGroup]) -> pa.Table:
-    """One row per trajectory (exceptions are not rows), in ART's column order."""
-    import pyarrow as pa
-
-    schema = trajectory_schema()
-    group_index: list[int] = []
-    group_metadata: list[str | None] = []
-    group_metrics: list[str | None] = []
-    group_logs: list[list[str] | None] = []
-    reward: list[float] = []
-    metrics: list[str | None] = []
-    metadata: list[str | None] = []
-    tools: list[str | None] = []
-    logs: list[list[str] | None] = []
-    offsets = [0]
-    messages = _MessageColumns()
-    for index, group in enumerate(groups):
-        g_metadata = _json_or_none(group.metadata)
-        g_metrics = _json_or_none(group.metrics)
-        g_logs = group.logs or None
-        trajectory: Trajectory
-        for trajectory in group.trajectories:
-            group_index.append(index)
-            group_metadata.append(g_metadata)
-            group_metrics.append(g_metrics)
-            group_logs.append(g_logs)
-            reward.append(trajectory.reward)
-            metrics.append(_json_or_none(trajectory.metrics))
-            metadata.append(_json_or_none(trajectory.metadata))
-            tools.append(_json_or_none(trajectory.tools))
-            logs.append(trajectory.logs or None)
-            for item in trajectory.messages_and_choices:
-                messages.add(item)
-            offsets.append(len(messages))
-    message_struct = pa.StructArray.from_arrays(
-        [
-            pa.array(messages.role, pa.string()),
-            pa.array(messages.content, pa.string()),
-            pa.array(messages.tool_calls, pa.string()),
-            pa.array(messages.tool_call_id, pa.string()),
-            pa.array(messages.trainable, pa.bool_()),
-        ],
-        fields=list(schema.field("messages").type.value_type),
-    )
-    columns = [
-        pa.array(group_index, pa.int64()),
-        pa.array(group_metadata, pa.string()),
-        pa.array(group_metrics, pa.string()),
-        pa.array(group_logs, pa.list_(pa.string())),
-        pa.array(reward, pa.float64()),
-        pa.array(metrics, pa.string()),
-        pa.array(metadata, pa.string()),
-        pa.array(tools, pa.string()),
-        pa.array(logs, pa.list_(pa.string())),
-        pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), message_struct),
-    ]
-    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:

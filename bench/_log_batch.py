@@ -8,10 +8,19 @@ from typing import Any
 WORDS = "the agent reads the file then calls a tool and answers with a short plan for the user".split()
 
 
+WORKLOADS = ("plain", "choices")
+
+
 def make_batch(
-    groups: int, trajectories: int, messages: int, tokens: int, seed: int = 0
+    groups: int, trajectories: int, messages: int, tokens: int, seed: int = 0, *, workload: str = "choices"
 ) -> list[dict[str, Any]]:
-    """``groups`` groups × ``trajectories`` trajectories × ``messages`` messages; every other one a Choice."""
+    """``groups`` × ``trajectories`` × ``messages`` messages; every other one an assistant turn.
+
+    ``workload="choices"``: assistant turns are serialized Choices with ``tokens`` logprobs each;
+    ``"plain"``: plain ``{"role": "assistant", ...}`` message dicts (what a non-trained eval logs).
+    """
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload={workload!r}; use one of {', '.join(WORKLOADS)}")
     rng = random.Random(seed)
     batch = []
     for g in range(groups):
@@ -21,6 +30,8 @@ def make_batch(
             while len(items) < messages:
                 if len(items) % 2 == 1:
                     items.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=12))})
+                elif workload == "plain":
+                    items.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=tokens))})
                 else:
                     ids = [rng.randrange(32000) for _ in range(tokens)]
                     items.append(

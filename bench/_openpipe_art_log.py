@@ -1,19 +1,46 @@
-"""Runs inside openpipe-art's interpreter: time its Model.log on the shared batch; prints one JSON line."""
+"""Runs inside openpipe-art's interpreter: times its Model.log on the shared batches, round by round.
+
+Started once by ``log_throughput.py``: it prints ``{"import_s": ...}``, then for each ``WORKLOAD REPEATS`` line
+on stdin logs that workload's batch ``REPEATS`` times and prints ``{"times": [...], "bytes": ...}``, so both
+sides run interleaved under the same machine load. Every reply is one JSON line prefixed with ``@@``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
+
+
+def reply(payload: dict[str, Any]) -> None:
+    print("@@" + json.dumps(payload), flush=True)
+
+
+def build_groups(art: Any, choice_class: Any, batch: list[dict[str, Any]]) -> list[Any]:
+    return [
+        art.TrajectoryGroup(
+            [
+                art.Trajectory(
+                    messages_and_choices=[
+                        choice_class.model_validate(m) if "finish_reason" in m else m for m in t["messages"]
+                    ],
+                    reward=t["reward"],
+                    metrics=t["metrics"],
+                )
+                for t in group["trajectories"]
+            ],
+            metadata=group["metadata"],
+        )
+        for group in batch
+    ]
 
 
 def main() -> None:
-    batch_path, repeats = sys.argv[1], int(sys.argv[2])
     probe = "import time; t = time.perf_counter(); import art; print(time.perf_counter() - t)"
     import_s = min(
         float(
@@ -26,33 +53,24 @@ def main() -> None:
     import art
     from openai.types.chat.chat_completion import Choice
 
-    batch = json.load(open(batch_path))
-    groups = [
-        art.TrajectoryGroup(
-            [
-                art.Trajectory(
-                    messages_and_choices=[
-                        Choice.model_validate(m) if "finish_reason" in m else m for m in t["messages"]
-                    ],
-                    reward=t["reward"],
-                    metrics=t["metrics"],
-                )
-                for t in group["trajectories"]
-            ],
-            metadata=group["metadata"],
-        )
-        for group in batch
-    ]
+    with open(sys.argv[1]) as handle:
+        batches = json.load(handle)
+    groups = {name: build_groups(art, Choice, batch) for name, batch in batches.items()}
+    reply({"import_s": import_s})
     with tempfile.TemporaryDirectory() as directory:
         model = art.Model(name="bench", project="bench", base_path=directory, report_metrics=[])
-        times = []
-        for step in range(repeats):
-            started = time.perf_counter()
-            asyncio.run(model.log(groups, split="train", step=step))
-            times.append(time.perf_counter() - started)
-        out = os.path.join(directory, "bench", "models", "bench")
-        size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(out) for f in files)
-    print(json.dumps({"log_s": statistics.median(times), "import_s": import_s, "bytes": size // repeats}))
+        out = os.path.join(directory, "bench", "models", "bench", "trajectories", "train")
+        step = 0
+        for line in sys.stdin:
+            workload, repeats = line.split()
+            times, sizes = [], []
+            for _ in range(int(repeats)):
+                started = time.perf_counter()
+                asyncio.run(model.log(groups[workload], split="train", step=step))
+                times.append(time.perf_counter() - started)
+                sizes.append(os.path.getsize(os.path.join(out, f"{step:04d}.parquet")))
+                step += 1
+            reply({"times": times, "bytes": sizes[-1]})
 
 
 if __name__ == "__main__":
