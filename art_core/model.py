@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import os
 import threading
 import warnings
@@ -48,6 +49,17 @@ def _default_request_timeout_s() -> float:
 
 DEFAULT_REQUEST_TIMEOUT_S = _default_request_timeout_s()  # each request of model.openai_client()
 DEFAULT_MAX_RETRIES = 1
+
+
+def _refuse_a_misspelled_metric(metric: str, records: list[dict[str, Any]], path: Path) -> None:
+    """Raise ValueError when ``metric`` is absent from the history but close to a key that is in it."""
+    keys = sorted({key for record in records for key in record if key != "step"})
+    close = difflib.get_close_matches(metric, keys, n=1, cutoff=0.8)
+    if close:
+        raise ValueError(
+            f"no {metric!r} in {path}: did you mean {close[0]!r}? Nothing was deleted (with a metric that is "
+            "not logged, only the latest step would be kept)"
+        )
 
 
 class Model(pydantic.BaseModel):
@@ -305,7 +317,9 @@ class TrainableModel(Model):
         """Delete every checkpoint but the latest and the best by ``best_checkpoint_metric``; return the kept steps.
 
         The whole history is read (every line, every key). Without a history or the metric only the latest is
-        kept, with a warning: this never deletes everything.
+        kept, with a warning: this never deletes everything. A metric that is absent but close to one the
+        history has (a typo such as ``"val/rewad"``) is a ValueError and nothing is deleted: keeping only the
+        latest would silently throw the best checkpoint away.
         """
         backend = self.backend()
         latest = await self.get_step()
@@ -320,6 +334,7 @@ class TrainableModel(Model):
         else:
             best = history.best_step(records, best_checkpoint_metric, higher_is_better=higher_is_better)
             if best is None:
+                _refuse_a_misspelled_metric(best_checkpoint_metric, records, path)
                 warnings.warn(
                     f"no {best_checkpoint_metric!r} in {path}; keeping only the latest step {latest}",
                     RuntimeWarning,

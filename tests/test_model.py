@@ -111,6 +111,14 @@ async def test_missing_history_or_metric_keeps_the_latest_and_warns(
     assert memory_backend.checkpoints["m"] == {7}
 
 
+async def test_a_misspelled_metric_deletes_nothing(memory_backend: MemoryBackend, base_path: str) -> None:
+    m = await _history_model(memory_backend, base_path)
+    await m.log(metrics={"reward": 0.9}, split="val", step=2)
+    with pytest.raises(ValueError, match="did you mean 'val/reward'"):
+        await m.delete_checkpoints("val/rewad")
+    assert memory_backend.checkpoints["m"] == set(range(8))
+
+
 async def test_delete_checkpoints_reads_past_a_corrupt_line(
     memory_backend: MemoryBackend, base_path: str
 ) -> None:

@@ -154,3 +154,11 @@ def test_limit_concurrency_survives_new_event_loops_and_times_out_clearly() -> N
             asyncio.run(two_at_once())
     with pytest.raises(ValueError, match="n=0"):
         limit_concurrency(0)
+
+
+def test_limit_concurrency_refuses_a_sync_function_when_decorating() -> None:
+    def double(x: int) -> int:
+        return 2 * x
+
+    with pytest.raises(TypeError, match="double is not one: make it `async def`"):
+        limit_concurrency(2)(double)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import Any, ParamSpec, TypeVar
@@ -41,6 +42,12 @@ def limit_concurrency(
 
     def decorator(function: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
         name = getattr(function, "__qualname__", repr(function))
+        call = getattr(function, "__call__", None)  # noqa: B004  # an object whose __call__ is async
+        if not (inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(call)):
+            raise TypeError(
+                f"limit_concurrency wraps async functions; {name} is not one: make it `async def` (run blocking "
+                "work inside it with asyncio.to_thread)"
+            )
 
         @functools.wraps(function)
         async def limited(*args: P.args, **kwargs: P.kwargs) -> R:
