@@ -278,6 +278,10 @@ class LocalBackend:
 
                 kept = _checkpoints_dir(model)
                 await serve_kept_checkpoints(service.engine, model.name, kept, slot.state.step)
+            else:
+                from art_local.training import checkpoint_steps
+
+                self._note_kept(model, checkpoint_steps(_checkpoints_dir(model)))
             slot.served = True
         return service.base_url, service.api_key
 
@@ -495,6 +499,15 @@ class LocalBackend:
             return
         weights = await run_on(slot.trainer, merged_state_dict, components, copy=False)
         await service.publish(slot.model.name, step, weights, adapter_dir=adapter_dir)
+        if directory is not None:  # a checkpoint: still served (loaded on demand) after its module is evicted
+            self._note_kept(slot.model, [step])
+
+    def _note_kept(self, model: TrainableModel, steps: list[int]) -> None:
+        from art_local.inference.hf import HFEngine
+
+        engine = self._service.engine if self._service is not None else None
+        if isinstance(engine, HFEngine):
+            engine.note_kept_steps(model.name, steps)
 
     async def _train_with_workers(
         self,

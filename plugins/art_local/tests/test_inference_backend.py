@@ -179,3 +179,28 @@ async def test_unknown_model_names_answer_404(backend: LocalBackend, tiny_model_
     for name in ("stranger", "agent@7"):
         with pytest.raises(openai.NotFoundError, match=name):
             await greedy(model, name, tokens=1)
+
+
+async def test_models_lists_kept_steps_after_a_restart(
+    tmp_path: Path, tiny_model_dir: Path, sort_groups: Any
+) -> None:
+    """Kept checkpoints are served (loaded on demand), so /v1/models lists them, also before they are asked for."""
+    first = LocalBackend(str(tmp_path / "art"), device="cpu", engine="hf")
+    model = await registered(first, tiny_model_dir)
+    for _ in range(4):
+        await first.train(model, sort_groups(1), learning_rate=1e-2)
+    await model.log(metrics={"reward": 1.0}, split="val", step=1)
+    assert await model.delete_checkpoints() == [1, 4]
+    await first.close()
+
+    again = LocalBackend(str(tmp_path / "art"), device="cpu", engine="hf")
+    try:
+        model = await registered(again, tiny_model_dir)
+        listed = {m.id for m in (await model.openai_client().models.list()).data}
+        assert listed == {"agent", "agent@1", "agent@4"}
+        answer = await model.openai_client().chat.completions.create(
+            model="agent@1", messages=PROMPT, max_tokens=2
+        )
+        assert answer.choices
+    finally:
+        await again.close()

@@ -108,6 +108,9 @@ class _Entry:
     # step -> module, least recently used first; the latest step is never evicted
     modules: OrderedDict[int, PreTrainedModel] = field(default_factory=OrderedDict)
     forgotten: set[int] = field(default_factory=set)
+    kept: set[int] = field(
+        default_factory=set
+    )  # steps not in memory that load_step can load (listed as served)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -246,6 +249,7 @@ class HFEngine:
                 if step not in keep and step != entry.latest:
                     del entry.modules[step]
             entry.forgotten.update(s for s in range(entry.latest) if s not in keep)
+            entry.kept.intersection_update(keep)
 
     def _build(self, entry: _Entry, weights: Mapping[str, torch.Tensor]) -> PreTrainedModel:
         with self._lock:
@@ -268,10 +272,17 @@ class HFEngine:
 
     # ---- Engine protocol ----
 
+    def note_kept_steps(self, name: str, steps: Collection[int]) -> None:
+        """``name@s`` for each of ``steps`` is loadable on demand (a kept checkpoint): list it as served."""
+        entry = self._entry(name, name)
+        with self._lock:
+            entry.kept.update(s for s in steps if s <= entry.latest and s not in entry.forgotten)
+
     def _served_locked(self) -> list[ServedModel]:
         served = []
         for name, e in self._entries.items():
-            for label in [name, *(f"{name}@{s}" for s in sorted(e.modules))]:
+            steps = sorted(set(e.modules) | (e.kept - e.forgotten))
+            for label in [name, *(f"{name}@{s}" for s in steps)]:
                 served.append(ServedModel(label, e.tokenizer, e.context_length, e.created))
         return served
 
