@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -98,21 +99,21 @@ def test_activation_checkpointing_lowers_the_peak_rss(tmp_path: Path) -> None:
         tmp_path / "deep",
         hidden_size=128,
         intermediate_size=352,
-        num_hidden_layers=12,
+        num_hidden_layers=10,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=1024,
     )
-    without = _measure(model_dir, 1, 768, {"lora_rank": 8, "activation_checkpointing": False})
-    with_it = _measure(model_dir, 1, 768, {"lora_rank": 8, "activation_checkpointing": True})
+    without = _measure(model_dir, 1, 512, {"lora_rank": 8, "activation_checkpointing": False})
+    with_it = _measure(model_dir, 1, 512, {"lora_rank": 8, "activation_checkpointing": True})
     assert with_it["loss"] == pytest.approx(without["loss"], abs=1e-6)
-    # the planner's estimate of what checkpointing saves here is ~125 MiB; demand at least half of it
-    assert with_it["step_growth_bytes"] < without["step_growth_bytes"] - 60 * 1024**2, (with_it, without)
+    # the planner's estimate of what checkpointing saves here is ~60 MiB; demand at least half of it
+    assert with_it["step_growth_bytes"] < without["step_growth_bytes"] - 30 * 1024**2, (with_it, without)
 
 
 @pytest.mark.slow
 def test_a_150k_vocabulary_peaks_with_the_chunk_not_the_sequence(tmp_path: Path) -> None:
-    vocab, sequence, chunk = 150_000, 4096, 256
+    vocab, sequence, chunk = 150_000, 4096, 128
     model_dir = save_random_model(
         tmp_path / "wide-vocab",
         hidden_size=16,
@@ -126,7 +127,10 @@ def test_a_150k_vocabulary_peaks_with_the_chunk_not_the_sequence(tmp_path: Path)
     config = {"lora_rank": 8, "logprob_calculation_chunk_size": chunk, "activation_checkpointing": False}
     result = _measure(model_dir, 1, sequence, config)
     full_logits = sequence * vocab * 4  # 2.3 GiB of fp32 logits if the sequence went through at once
-    assert result["step_growth_bytes"] < full_logits / 3, (result, full_logits)
+    # 73 MiB; a few copies of it (logits, softmax, gradient) are alive at once
+    chunk_logits = chunk * vocab * 4
+    assert result["step_growth_bytes"] < full_logits / 4, (result, full_logits)
+    assert result["step_growth_bytes"] < 8 * chunk_logits, (result, chunk_logits)
 
 
 def test_register_refuses_a_model_the_device_cannot_hold(
@@ -174,3 +178,38 @@ def await_register(backend: LocalBackend, model: art.TrainableModel) -> None:
             await backend.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(("strategy", "lora_rank"), [("ddp", 4), ("fsdp", None)])
+def test_the_torchrun_path_checkpoints_activations_with_the_same_step(
+    tiny_model_dir: Path, strategy: Literal["ddp", "fsdp"], lora_rank: int | None
+) -> None:
+    """A world of one (gloo, this process) builds through build_components: checkpointing on, same step."""
+    import socket
+
+    import torch.distributed as dist
+
+    from art_local.distributed.protocol import SetupRequest
+    from art_local.distributed.step import train_step
+    from art_local.distributed.worker import Rank, _setup
+    from art_local.training import TrainingState, optim_step
+
+    config = TrainerConfig(lora_rank=lora_rank, learning_rate=1e-2, activation_checkpointing=True)
+    batch = synthetic_batch(2, 40, 1024, seed=3)
+    reference = build_components(tiny_model_dir, dataclasses.replace(config, activation_checkpointing=False))
+    metrics = forward_backward(reference, batch, config)
+    expected = optim_step(reference, TrainingState(), config, tokens=batch.num_trained_tokens)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        me = Rank(0, 1, torch.device("cpu"), dist.new_group(backend="gloo"), child, 30.0, 0.05)
+        parallel, _ = _setup(me, SetupRequest(str(tiny_model_dir), config, strategy))
+        lm: Any = causal_lm(parallel.components.model)
+        assert lm.is_activation_checkpointing
+        state, got = train_step(parallel, TrainingState(), batch, config)
+    finally:
+        parent.close()
+        child.close()
+        dist.destroy_process_group()
+    assert state.grad_norm == pytest.approx(expected.grad_norm, rel=1e-5)
+    assert got["loss/train"] == pytest.approx(metrics["loss/train"], rel=1e-5, abs=1e-9)

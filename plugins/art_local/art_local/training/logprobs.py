@@ -54,9 +54,10 @@ def _chunk_logprobs(
         logits_NV = torch.tanh(logits_NV / softcap) * softcap
     normalizer_N = torch.logsumexp(logits_NV, dim=-1)
     logprobs_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - normalizer_N
-    with torch.no_grad():
+    with torch.no_grad():  # softmax as exp(logits − normalizer), in place: one chunk-sized temporary, not two
         detached_NV = logits_NV.detach()
-        entropy_N = normalizer_N.detach() - (torch.softmax(detached_NV, dim=-1) * detached_NV).sum(-1)
+        probs_NV = (detached_NV - normalizer_N.detach()[:, None]).exp_()
+        entropy_N = normalizer_N.detach() - probs_NV.mul_(detached_NV).sum(-1)
     return logprobs_N, entropy_N
 
 

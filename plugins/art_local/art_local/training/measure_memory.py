@@ -9,6 +9,7 @@ loader's transient copies do not hide the step's own peak; ``ru_maxrss`` is that
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import resource
@@ -28,6 +29,15 @@ def resident_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("/proc/self/status has no VmRSS line; measure_memory needs Linux")
+
+
+def release_free_heap() -> None:
+    """Give the heap that loading freed back to the OS (glibc ``malloc_trim``), so that the step's allocations
+    raise RSS instead of silently reusing it; a no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak() -> bool:
@@ -94,6 +104,7 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
         for parameter in components.model.parameters():
             parameter.sum()
     gc.collect()
+    release_free_heap()
     loaded = resident_bytes()
     was_reset = reset_peak()
     metrics = forward_backward(components, batch, config)
