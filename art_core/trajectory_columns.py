@@ -147,16 +147,17 @@ def _plain_message_children(items: list[Any]) -> list[pa.Array] | None:
     """
     import pyarrow as pa
 
-    if not all(type(item) is dict for item in items):
+    if not set(map(type, items)) <= {dict}:
         return None
     try:
         struct = pa.array(items, _plain_message_type())
     except (pa.ArrowTypeError, pa.ArrowInvalid):  # e.g. multi-part content, which is stored as its JSON
         return None
+    calls = [item.get("tool_calls") for item in items]
     return [
         struct.field(0),
         struct.field(1),
-        pa.array(json_texts([item.get("tool_calls") for item in items]), pa.string()),
+        pa.array(json_texts(calls), pa.string()) if any(calls) else pa.nulls(len(items), pa.string()),
         struct.field(2),
         pa.repeat(False, len(items)),
     ]
@@ -166,11 +167,11 @@ def message_column(trajectories: Sequence[Trajectory], field: pa.Field) -> pa.Ar
     """The ``messages`` list<struct> column: one list per trajectory, Choices marked ``trainable``."""
     import pyarrow as pa
 
-    items = [item for trajectory in trajectories for item in trajectory.messages_and_choices]
+    lists = [trajectory.messages_and_choices for trajectory in trajectories]
+    items = list(itertools.chain.from_iterable(lists))
     children = _plain_message_children(items) or _message_children(items)
     struct = pa.StructArray.from_arrays(children, fields=list(field.type.value_type))
-    lengths = (len(trajectory.messages_and_choices) for trajectory in trajectories)
-    offsets = pa.array([0, *itertools.accumulate(lengths)], pa.int32())
+    offsets = pa.array([0, *itertools.accumulate(map(len, lists))], pa.int32())
     return pa.ListArray.from_arrays(offsets, struct, type=field.type)
 
 

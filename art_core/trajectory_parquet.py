@@ -35,11 +35,21 @@ except ImportError:  # pragma: no cover - Windows: writers of one directory are 
     fcntl = None  # type: ignore[assignment]
 
 
+# zstd as in ART. No dictionary pages: nearly every message is distinct, so Arrow would build a dictionary only
+# to drop it, and zstd finds repeated prompts anyway (smaller files, ~20% less time). Min/max statistics only
+# where a reader filters on them; those of message text cost time and skip nothing.
+PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "use_dictionary": False,
+    "write_statistics": ["group_index", "reward"],
+}
+
+
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     """Write ``table`` durably: readers never see half a file (art_core.durable)."""
     import pyarrow.parquet as pq
 
-    atomic_write_with(path, lambda handle: pq.write_table(table, handle, compression="zstd"))
+    atomic_write_with(path, lambda handle: pq.write_table(table, handle, **PARQUET_OPTIONS))
 
 
 def write_trajectory_groups(groups: Sequence[TrajectoryGroup], path: str | Path) -> None:

@@ -8,6 +8,7 @@ sides run interleaved under the same machine load. Every reply is one JSON line 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -60,17 +61,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         model = art.Model(name="bench", project="bench", base_path=directory, report_metrics=[])
         out = os.path.join(directory, "bench", "models", "bench", "trajectories", "train")
-        step = 0
+        steps = itertools.count()
+
+        async def run(workload: str, repeats: int) -> dict[str, Any]:
+            times, size = [], 0
+            for _ in range(repeats):  # one event loop per round, as on our side
+                step = next(steps)
+                started = time.perf_counter()
+                await model.log(groups[workload], split="train", step=step)
+                times.append(time.perf_counter() - started)
+                size = os.path.getsize(os.path.join(out, f"{step:04d}.parquet"))
+            return {"times": times, "bytes": size}
+
         for line in sys.stdin:
             workload, repeats = line.split()
-            times, sizes = [], []
-            for _ in range(int(repeats)):
-                started = time.perf_counter()
-                asyncio.run(model.log(groups[workload], split="train", step=step))
-                times.append(time.perf_counter() - started)
-                sizes.append(os.path.getsize(os.path.join(out, f"{step:04d}.parquet")))
-                step += 1
-            reply({"times": times, "bytes": sizes[-1]})
+            reply(asyncio.run(run(workload, int(repeats))))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Workloads: ``plain`` (chat message dicts, no logprobs) and ``choices`` (every assistant turn a Choice with 32
 logprobs). With ``--vs-openpipe-art`` both sides run in the same process run, interleaved round by round
 (openpipe-art in its own interpreter, kept alive between rounds), so machine load hits both alike; each figure
-is the median over every round's repeats.
+is the median over every round's repeats. A round's logs share one event loop, as in a training loop.
 
 .venv/bin/python bench/log_throughput.py
 # side by side with openpipe-art 0.5.18:
@@ -73,10 +73,13 @@ class Ours:
         self.step = 0
 
     def run(self, workload: str, repeats: int) -> dict[str, Any]:
+        return asyncio.run(self._run(workload, repeats))
+
+    async def _run(self, workload: str, repeats: int) -> dict[str, Any]:
         times, size = [], 0
         for _ in range(repeats):
             started = time.perf_counter()
-            asyncio.run(self.model.log(self.groups[workload], split="train", step=self.step))
+            await self.model.log(self.groups[workload], split="train", step=self.step)
             times.append(time.perf_counter() - started)
             size = (
                 (self.model.output_dir() / "trajectories" / "train" / f"{self.step:04d}.parquet")
