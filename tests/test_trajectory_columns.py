@@ -28,7 +28,7 @@ def messages(groups: list[art.TrajectoryGroup], tmp_path: Path) -> list[list[dic
     """The messages column as pyarrow and polars read it back from disk (they must agree)."""
     path = tmp_path / "0000.parquet"
     write_trajectory_groups(groups, path)
-    from_arrow = pq.read_table(path).column("messages").to_pylist()
+    from_arrow: list[list[dict[str, object]]] = pq.read_table(path).column("messages").to_pylist()
     assert pl.read_parquet(path)["messages"].to_list() == from_arrow
     return from_arrow
 
@@ -81,7 +81,7 @@ def test_group_columns_repeat_per_trajectory_and_exceptions_are_not_rows() -> No
 
 def test_a_message_that_is_neither_dict_nor_choice_is_named() -> None:
     trajectory = art.Trajectory(messages_and_choices=[{"role": "user", "content": "hi"}])
-    trajectory.messages_and_choices.append(42)  # appended after validation
+    trajectory.messages_and_choices.append(42)  # type: ignore[arg-type]  # appended after validation
     with pytest.raises(TypeError, match=r"holds a int \('42'\); expected an OpenAI message dict"):
         groups_to_table([art.TrajectoryGroup([trajectory])])
 
