@@ -78,8 +78,10 @@ def default_cpu_threads() -> int:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPU, float32 on CPU (bf16 on CPUs without native support is a trap; docs/architecture.md §6)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bfloat16 on GPU and on CPUs with native bf16, else float32: what the trainer's ``dtype="auto"`` picks."""
+    from art_local.cpu_features import auto_dtype
+
+    return auto_dtype(device)
 
 
 def _eos_ids(tokenizer: PreTrainedTokenizerBase, module: PreTrainedModel) -> frozenset[int]:

@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeAlias
 import torch
 
 from art_core.plugin_api import ADAMW, check_number
+from art_local.cpu_features import auto_dtype
 from art_local.training.loss import LossConfig
 
 DTypeName: TypeAlias = Literal["auto", "float32", "bfloat16", "float16"]
@@ -149,9 +150,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(name: DTypeName, device: torch.device) -> torch.dtype:
-    """``auto`` → bf16 on CUDA, fp32 elsewhere (bf16 on CPUs without native support is many times slower)."""
+    """``auto`` → bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32 (art_local.cpu_features)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return auto_dtype(device)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
