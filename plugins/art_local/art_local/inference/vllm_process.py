@@ -33,6 +33,7 @@ from art_local.inference.vllm_config import (
 )
 
 BASE_ALIAS = "art-base"  # vLLM's served name for the base weights
+KEEPALIVE_S = 2.0  # below vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -124,7 +125,11 @@ class VLLMProcess:
                     base_url=self.url,
                     headers={"Authorization": f"Bearer {self.api_key}"},
                     timeout=httpx.Timeout(self.config.request_timeout_s, connect=10.0),
-                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+                    # idle connections expire before vLLM's uvicorn closes them (5 s keep-alive): reusing one it
+                    # is closing fails a request with ReadError('') (seen between RL steps)
+                    limits=httpx.Limits(
+                        max_connections=None, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_S
+                    ),
                 )
                 self._clients[loop] = client
             return client
@@ -206,10 +211,15 @@ class VLLMProcess:
         if exited is not None:
             raise exited
         timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
+        payload = None if body is None else dict(body)
         try:
-            response = await self.client.request(
-                method, path, json=None if body is None else dict(body), timeout=timeout
-            )
+            try:
+                response = await self.client.request(method, path, json=payload, timeout=timeout)
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                if path != "/v1/completions" or self._exited() is not None:
+                    raise
+                # a pooled connection vLLM closed as we sent: sampling has no side effect, so send it again
+                response = await self.client.request(method, path, json=payload, timeout=timeout)
         except httpx.TransportError as error:
             await asyncio.sleep(0.2)  # a dying process: let it be reaped so the error can say so
             exited = self._exited()
