@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import resource
 import statistics
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 COMPLETIONS, GROUP_SIZE, COMPLETION_TOKENS = 8, 4, 32
+SAVE = [False]  # --save-checkpoint: write each step's checkpoint, as a real run does
 LEARNING_RATE, LORA_RANK, CLIP_EPSILON = 1e-5, 8, 0.2
 
 
@@ -63,8 +65,55 @@ def _groups(specs: list[tuple[list[dict[str, str]], list[int], float]]) -> list[
 Stepper = Callable[[], None]
 
 
-def _local_stepper(size: str, mode: str, workdir: str) -> Stepper:
-    """One warm ``LocalBackend.train()`` call per invocation (checkpoint writes off, as in a hot loop)."""
+def _timing(phases: dict[str, float], name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function``, adding the seconds each call takes to ``phases[name]`` (sync or async)."""
+    if asyncio.iscoroutinefunction(function):
+
+        async def timed_async(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await function(*args, **kwargs)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
+
+        return timed_async
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
+
+    return timed
+
+
+def _breakdown(total_s: float, metrics: dict[str, float], phases: dict[str, float]) -> dict[str, float]:
+    """Where one train() call's seconds went: the trainer's own spans, then what surrounds them."""
+    inside = {
+        key: metrics.get(f"time/step_{key}_s", 0.0) for key in ("prepare", "forward_backward", "optimizer")
+    }
+    checkpoint, publish = phases.get("checkpoint_write", 0.0), phases.get("publish", 0.0)
+    trainer = metrics["time/step_trainer_s"]
+    return {
+        "prepare_template_tokenize_pack_s": inside["prepare"],
+        "forward_backward_s": inside["forward_backward"],
+        "optimizer_s": inside["optimizer"],
+        "checkpoint_write_s": checkpoint,
+        # thread hop onto the trainer, metrics, inference sleep/wake around the step
+        "trainer_thread_other_s": trainer - sum(inside.values()) - checkpoint,
+        "publish_s": publish,
+        # option checks, locks and the hop back to the caller's event loop
+        "outside_trainer_s": total_s - trainer - publish,
+    }
+
+
+def _local_stepper(
+    size: str, mode: str, workdir: str, breakdowns: list[dict[str, float]] | None = None
+) -> Stepper:
+    """One warm ``LocalBackend.train()`` call per invocation (checkpoint writes off, as in a hot loop).
+
+    With ``breakdowns``, each call appends where its time went (``_breakdown``)."""
     from transformers import AutoTokenizer
 
     import art_core as art
@@ -81,10 +130,22 @@ def _local_stepper(size: str, mode: str, workdir: str) -> Stepper:
     loop = asyncio.new_event_loop()
     loop.run_until_complete(backend.register(model))
 
+    phases: dict[str, float] = {}
+    import art_local.training
+
+    art_local.training.save_checkpoint = _timing(
+        phases, "checkpoint_write", art_local.training.save_checkpoint
+    )
+    backend._publish = _timing(phases, "publish", backend._publish)  # type: ignore[method-assign]
+
     def step() -> None:
-        loop.run_until_complete(
-            backend.train(model, groups, learning_rate=LEARNING_RATE, ppo=True, save_checkpoint=False)
+        phases.clear()
+        started = time.perf_counter()
+        result = loop.run_until_complete(
+            backend.train(model, groups, learning_rate=LEARNING_RATE, ppo=True, save_checkpoint=SAVE[0])
         )
+        if breakdowns is not None:
+            breakdowns.append(_breakdown(time.perf_counter() - started, result.metrics, phases))
 
     return step
 
@@ -149,7 +210,11 @@ def _timed(step: Stepper) -> float:
 def _interleaved(size: str, mode: str, steps: int, warmup: int) -> dict[str, list[float]]:
     """Alternate one local and one baseline step, so both see the same machine noise."""
     with tempfile.TemporaryDirectory() as workdir:
-        steppers = {"local": _local_stepper(size, mode, workdir), "baseline": _baseline_stepper(size, mode)}
+        breakdowns: list[dict[str, float]] = []
+        steppers = {
+            "local": _local_stepper(size, mode, workdir, breakdowns),
+            "baseline": _baseline_stepper(size, mode),
+        }
         for _ in range(warmup):
             for step in steppers.values():
                 step()
@@ -158,7 +223,8 @@ def _interleaved(size: str, mode: str, steps: int, warmup: int) -> dict[str, lis
             order = ("local", "baseline") if index % 2 == 0 else ("baseline", "local")
             for kind in order:
                 times[kind].append(_timed(steppers[kind]))
-        return times
+        measured = breakdowns[-steps:]
+        return times | {f"overhead:{key}": [b[key] for b in measured] for key in measured[0]}
 
 
 def _peak_rss_worker(kind: str, size: str, mode: str, steps: int) -> None:
@@ -207,10 +273,12 @@ def main() -> None:
     parser.add_argument("--modes", default="lora,full")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--save-checkpoint", action="store_true", help="write a checkpoint every step")
     parser.add_argument("--worker", choices=["local", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    SAVE[0] = args.save_checkpoint
     if args.worker:
         _peak_rss_worker(args.worker, args.size, args.mode, args.warmup + 2)
         return
@@ -231,6 +299,12 @@ def main() -> None:
                     "ratio_of_mins": round(min(times["local"]) / min(times["baseline"]), 4),
                     "local_peak_rss_mb": round(_peak_rss("local", size, mode, args.warmup + 2), 1),
                     "baseline_peak_rss_mb": round(_peak_rss("baseline", size, mode, args.warmup + 2), 1),
+                    # median seconds per phase of the local train() call (sums to about local_median_s)
+                    "local_breakdown_median_s": {
+                        key.split(":", 1)[1]: round(statistics.median(values), 5)
+                        for key, values in times.items()
+                        if key.startswith("overhead:")
+                    },
                 }
             )
     import torch
@@ -240,6 +314,8 @@ def main() -> None:
         "batch": f"{COMPLETIONS} completions x {COMPLETION_TOKENS} tokens, groups of {GROUP_SIZE}",
         "steps_per_run": args.steps,
         "device": "cpu",
+        "save_checkpoint": args.save_checkpoint,
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "torch_threads": torch.get_num_threads(),
         "results": results,
     }

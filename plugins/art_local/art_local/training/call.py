@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ class CallOptions:
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """The state after the call and its metrics (docs/rl-math.md §4, without ``time/``)."""
+    """The state after the call and its metrics (docs/rl-math.md §4), with ``time/step_*_s`` spans of its phases."""
 
     state: TrainingState
     metrics: dict[str, float]
@@ -71,7 +72,9 @@ def train_on_groups(
     """
     from tqdm.auto import tqdm
 
-    prepared, config = prepare_call(groups, tokenizer, config, options)
+    started = time.perf_counter()
+    prepared, config = prepare_call(groups, tokenizer, config, options)  # chat template, tokenize, pack
+    spans = {"time/step_prepare_s": time.perf_counter() - started}
     step = state.step + 1
     metrics = prepared.metrics()
     batch = prepared.batch
@@ -90,8 +93,12 @@ def train_on_groups(
                 batch = precalculate_old_logprobs(components, batch, config)
             if options.plot_tensors:
                 plot_step(components, batch, config, model_dir / "tensors" / f"{step:04d}.png")
+            started = time.perf_counter()
             metrics |= forward_backward(components, batch, config)
+            spans["time/step_forward_backward_s"] = time.perf_counter() - started
+            started = time.perf_counter()
             after = optim_step(components, state, config, tokens=batch.num_trained_tokens)
+            spans["time/step_optimizer_s"] = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss/train']:.4g}", grad_norm=f"{after.grad_norm:.3g}")
     finally:
@@ -100,6 +107,7 @@ def train_on_groups(
     metrics["loss/grad_norm"] = after.grad_norm
     metrics["loss/learning_rate"] = config.learning_rate
     metrics["data/step_num_gradient_steps"] = 0.0 if batch is None else 1.0
+    metrics |= spans
     if options.verbose:
         summary = ", ".join(f"{key}={value:.4g}" for key, value in sorted(metrics.items()))
         print(f"[art_local] {label} step {after.step}: {summary}", file=sys.stderr)
