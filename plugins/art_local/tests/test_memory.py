@@ -213,3 +213,8 @@ def test_the_torchrun_path_checkpoints_activations_with_the_same_step(
         dist.destroy_process_group()
     assert state.grad_norm == pytest.approx(expected.grad_norm, rel=1e-5)
     assert got["loss/train"] == pytest.approx(metrics["loss/train"], rel=1e-5, abs=1e-9)
+
+
+def test_a_model_that_cannot_be_planned_trains_unchecked_with_a_warning(tmp_path: Path) -> None:
+    with pytest.warns(RuntimeWarning, match="could not estimate the training memory"):
+        assert check_memory_fits(tmp_path, TrainerConfig(), device="cpu", available_bytes=0) is None

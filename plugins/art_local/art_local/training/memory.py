@@ -11,6 +11,7 @@ to ``bench/memory.py``'s CPU measurements (Llama-style layers, sdpa attention).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,14 +213,30 @@ def check_memory_fits(
     sequence_length: int | None = None,
     batch_rows: int | None = None,
     available_bytes: int | None = None,
-) -> MemoryPlan:
-    """The plan for ``max_sequence_length`` × ``micro_batch_rows`` (1 when unset); refuses what cannot fit."""
-    model_config = _model_config(model_config_or_path)
+) -> MemoryPlan | None:
+    """The plan for ``max_sequence_length`` × ``micro_batch_rows`` (1 when unset); refuses what cannot fit.
+
+    None (with a warning) when the model cannot be planned, e.g. an architecture the meta device cannot build.
+    """
     length = sequence_length or trainer_config.max_sequence_length
     rows = batch_rows or trainer_config.micro_batch_rows or 1
-    plan = plan_memory(
-        model_config, sequence_length=length, batch_rows=rows, trainer_config=trainer_config, device=device
-    )
+    try:
+        model_config = _model_config(model_config_or_path)
+        plan = plan_memory(
+            model_config,
+            sequence_length=length,
+            batch_rows=rows,
+            trainer_config=trainer_config,
+            device=device,
+        )
+    except Exception as error:  # an estimate that cannot be made must not block training
+        warnings.warn(
+            f"could not estimate the training memory of {model_config_or_path!r} "
+            f"({type(error).__name__}: {str(error)[:200]}); training without the check",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
     free = available_memory(device) if available_bytes is None else available_bytes
     if plan.total_bytes <= free:
         return plan
