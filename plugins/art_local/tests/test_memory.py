@@ -218,3 +218,31 @@ def test_the_torchrun_path_checkpoints_activations_with_the_same_step(
 def test_a_model_that_cannot_be_planned_trains_unchecked_with_a_warning(tmp_path: Path) -> None:
     with pytest.warns(RuntimeWarning, match="could not estimate the training memory"):
         assert check_memory_fits(tmp_path, TrainerConfig(), device="cpu", available_bytes=0) is None
+
+
+@pytest.mark.gpu
+def test_on_cuda_checkpointing_lowers_max_memory_allocated_and_the_plan_fits(tmp_path: Path) -> None:
+    model_dir = save_random_model(
+        tmp_path / "gpu",
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    )
+    peaks, planned = {}, {}
+    for checkpointing in (False, True):
+        config = TrainerConfig(lora_rank=8, activation_checkpointing=checkpointing)
+        components = build_components(model_dir, config, device="cuda")
+        batch = synthetic_batch(2, 2048, 32000).to("cuda")
+        torch.cuda.reset_peak_memory_stats()
+        forward_backward(components, batch, config)
+        peaks[checkpointing] = torch.cuda.max_memory_allocated()
+        planned[checkpointing] = plan_memory(
+            model_dir, sequence_length=2048, batch_rows=2, trainer_config=config, device="cuda"
+        ).total_bytes
+        del components
+        torch.cuda.empty_cache()
+    assert peaks[True] < 0.6 * peaks[False], peaks
+    assert all(peaks[key] <= planned[key] for key in peaks), (peaks, planned)
