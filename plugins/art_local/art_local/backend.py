@@ -105,8 +105,10 @@ class LocalBackend:
 
     Per-backend trainer settings live in ``trainer_config`` (``TrainerConfig``: ``lora_rank`` — None for a
     full fine-tune —, ``lora_alpha``, ``lora_targets``, AdamW ``betas``/``eps``/``weight_decay``,
-    ``max_grad_norm``, ``dtype``, ``max_sequence_length``, ``micro_batch_rows``, ``seed``). Per-call options go
-    to ``train()``. ``allow_config_mismatch=True`` resumes from a checkpoint written with other settings.
+    ``max_grad_norm``, ``dtype``, ``max_sequence_length``, ``micro_batch_rows``, ``seed``,
+    ``activation_checkpointing``, ``memory_check``). Per-call options go to ``train()``. ``register`` refuses
+    (``MemoryPlanError``, with the options that would fit) a model whose step ``plan_memory`` says the device
+    cannot hold. ``allow_config_mismatch=True`` resumes from a checkpoint written with other settings.
     ``engine``/``host``/``port``/``api_key`` configure the inference server: ``engine="auto"`` serves with
     vLLM on a CUDA machine whose vLLM interpreter finds vllm, else with transformers; ``vllm`` (a
     ``VLLMEngineConfig``) says how vLLM runs (interpreter, memory fraction, lengths, parallelism, LoRA limits,
