@@ -599,11 +599,31 @@ class LocalBackend:
             return None
         return merged_state_dict_from_checkpoint(self._slot(model).base_model, directory)
 
+    def _load_components(
+        self, base_model: str, checkpoints: Path
+    ) -> tuple[TrainingComponents, TrainingState]:
+        """This process's model and optimizer, resumed from the last complete checkpoint (memory checked first)."""
+        from art_local.training import TrainingState, build_components, checkpoint_steps, load_checkpoint
+        from art_local.training.checkpoint import remove_stale_temporaries
+
+        if self._config.memory_check:
+            from art_local.training.memory import check_memory_fits
+
+            check_memory_fits(base_model, self._config, device=self._device)  # refuses before loading
+        components = build_components(base_model, self._config, device=self._device)
+        remove_stale_temporaries(checkpoints)
+        steps = checkpoint_steps(checkpoints)
+        if not steps:
+            return components, TrainingState()
+        last = checkpoints / f"{steps[-1]:04d}"
+        state = load_checkpoint(
+            components, last, self._config, allow_config_mismatch=self._allow_config_mismatch
+        )
+        return components, state
+
     def _load(self, model: TrainableModel, trainer: ThreadPoolExecutor) -> _Slot:
         from transformers import AutoTokenizer
 
-        from art_local.training import TrainingState, build_components, checkpoint_steps, load_checkpoint
-        from art_local.training.checkpoint import remove_stale_temporaries
         from art_local.training.state import check_base_model
 
         base_model = check_base_model(model.base_model)
@@ -634,22 +654,7 @@ class LocalBackend:
                     is_lora=is_lora,
                     workers=workers,
                 )
-            if self._config.memory_check:
-                from art_local.training.memory import check_memory_fits
-
-                check_memory_fits(base_model, self._config, device=self._device)  # refuses before loading
-            components = build_components(base_model, self._config, device=self._device)
-            checkpoints = _checkpoints_dir(model)
-            remove_stale_temporaries(checkpoints)
-            steps = checkpoint_steps(checkpoints)
-            state = TrainingState()
-            if steps:
-                state = load_checkpoint(
-                    components,
-                    checkpoints / f"{steps[-1]:04d}",
-                    self._config,
-                    allow_config_mismatch=self._allow_config_mismatch,
-                )
+            components, state = self._load_components(base_model, _checkpoints_dir(model))
         except BaseException:
             lock_file.close()
             raise
