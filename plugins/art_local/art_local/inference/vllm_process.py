@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
+import queue
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -85,6 +88,40 @@ async def _group_gone(pgid: int, timeout_s: float) -> None:
         except (ProcessLookupError, PermissionError):
             return
         await asyncio.sleep(0.1)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: Linux sends SIGTERM when the thread that forked it exits."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _spawn_tied_to_us(command: list[str], log: Any, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``command`` in its own process group from a thread that lives exactly as long as it does, so that
+    if this process dies (SIGTERM, SIGKILL) vLLM gets SIGTERM instead of holding the GPU as an orphan."""
+    started: queue.Queue[subprocess.Popen[bytes] | BaseException] = queue.Queue()
+
+    def keeper() -> None:
+        try:
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        except BaseException as error:
+            started.put(error)
+            return
+        started.put(process)
+        process.wait()
+
+    threading.Thread(target=keeper, name="art-vllm-keeper", daemon=True).start()
+    outcome = started.get(timeout=60.0)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 class VLLMExitedError(RuntimeError):
@@ -160,9 +197,7 @@ class VLLMProcess:
             sleep_mode=self.sleeps and runtime.cuda,  # vLLM's CPU build refuses --enable-sleep-mode
         )
         env = launch_env(self.config, cuda=runtime.cuda, sleep=self.sleeps)
-        return subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        return _spawn_tied_to_us(command, self._log, env)
 
     async def start(self) -> None:
         """Launch vLLM and wait for ``/health``; on failure the error carries vLLM's output and the fix."""
