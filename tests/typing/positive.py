@@ -126,7 +126,9 @@ async def sft_then_rl(model: art.TrainableModel, data: list[art.Trajectory], gro
     """Every backend is an SFTBackend; each keeps its own typed SFT options."""
     backends: list[art.SFTBackend] = [LocalBackend(), ServerlessBackend(api_key="k"), TinkerBackend()]
     for backend in backends:
-        result: art.TrainResult = await backend.train_sft(model, data, learning_rate=1e-4, schedule="constant")
+        result: art.TrainResult = await backend.train_sft(
+            model, data, learning_rate=1e-4, schedule="constant"
+        )
         print(result.step)
     local = await LocalBackend().train_sft(model, data, epochs=2, save_checkpoint=False, verbose=True)
     print(local.checkpoint_path)
