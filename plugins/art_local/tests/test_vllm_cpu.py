@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 
 import art_core as art
+from art_core.testing.load import LoadPlan, run_load, summary_line
 from art_core.trajectories import is_choice
 from art_local import LocalBackend, VLLMEngineConfig
 from art_local.inference.vllm import VLLMEngine
@@ -209,6 +210,32 @@ async def test_one_http_client_per_event_loop_carries_every_request_to_vllm(run:
     before = process.clients_made()  # the HTTP server's loop (rollouts) and this one (adapter loads, sleep)
     answers = await asyncio.gather(*(greedy(run.model, "agent", tokens=2) for _ in range(16)))
     assert len(answers) == 16 and process.clients_made() == before == 2
+
+
+@pytest.mark.soak
+async def test_soak_through_vllm(run: Run) -> None:
+    """The soak harness, shortened for vLLM's CPU build (~10x slower here under load than on an idle machine):
+    240 varied requests at concurrency up to 128, ~10 % abandoned, greedy n > 1 included, two served steps."""
+    model = run.model
+    assert model.inference_base_url is not None and model.inference_api_key is not None
+    plan = LoadPlan(
+        requests=240,
+        waves=(1, 8, 32, 128, 16),
+        max_tokens=(1, 16),
+        prompt_words=(1, 60),
+        request_timeout_s=300.0,
+        seed=4,
+    )
+    report = await run_load(
+        plan,
+        base_url=model.inference_base_url,
+        api_key=model.inference_api_key,
+        models=["agent", "agent@2", "agent@3"],
+    )
+    print(summary_line("vLLM CPU engine, small", report))
+    assert not report.problems(), report.problems()
+    assert report.answered + report.cancelled == report.tried >= 240
+    assert report.cancelled >= 10 and report.max_in_flight == 128
 
 
 async def test_a_restart_serves_the_kept_steps_again_and_a_vllm_crash_names_vllm(run: Run) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
@@ -245,10 +246,13 @@ class VLLMEngine:
             )
         if vllm_name is None:
             raise UnknownModelError(model, [m.name for m in self.served_models()])
-        body = completion_request(vllm_name, prompt_token_ids, params)
+        # vLLM refuses n > 1 at temperature 0 (its greedy samples are identical): ask once, answer n times
+        greedy_copies = params.n if params.temperature == 0 and params.n > 1 else 1
+        asked = dataclasses.replace(params, n=1) if greedy_copies > 1 else params
+        body = completion_request(vllm_name, prompt_token_ids, asked)
         answer = await self._require_process().post("/v1/completions", body)
         choices = sorted(cast(list[dict[str, Any]], answer["choices"]), key=lambda c: int(c["index"]))
-        return [parse_completion(c, params.top_logprobs) for c in choices]
+        return [parse_completion(c, params.top_logprobs) for c in choices] * greedy_copies
 
     @property
     def process(self) -> VLLMProcess:

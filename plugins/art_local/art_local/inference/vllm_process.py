@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from art_local.inference.protocol import RequestError
 from art_local.inference.vllm_config import (
     VLLMEngineConfig,
     VLLMRuntime,
@@ -261,6 +262,9 @@ class VLLMProcess:
             if exited is not None:
                 raise exited from error
             raise RuntimeError(f"vLLM {path} failed: {error!r}") from error
+        if 400 <= response.status_code < 500 and path == "/v1/completions":
+            # vLLM refused the request itself (a limit it has and we did not check): the client's error, 400
+            raise RequestError(f"vLLM refused the request: {response.text[:2000]}")
         if response.status_code >= 400:
             raise RuntimeError(f"vLLM {path} answered {response.status_code}: {response.text[:2000]}")
         return response.json() if response.content.strip().startswith(b"{") else response.text
