@@ -8,6 +8,7 @@ the metrics of the data. The workers hold the model and optimizer and write the 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ def merged_weights(group: WorkerGroup) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class RemoteOutcome:
-    """The state after the call, its metrics (docs/rl-math.md §4, without ``time/``) and the merged weights if asked."""
+    """The state after the call, its metrics (docs/rl-math.md §4, and ``time/step_*`` spans) and the merged weights if asked."""
 
     state: TrainingState
     metrics: dict[str, float]
@@ -93,7 +94,9 @@ def train_remote(
     label: str = "model",
 ) -> RemoteOutcome:
     """``train_on_groups`` with the step itself on the workers: the same batch, options and metric keys."""
+    started = time.perf_counter()
     prepared, config = prepare_call(groups, tokenizer, config, options)
+    prepare_s = time.perf_counter() - started
     step = state.step + 1
     request = TrainRequest(
         state=state,
@@ -111,13 +114,14 @@ def train_remote(
         desc=f"train {label} → step {step}",
         unit="step",
         leave=False,
+        disable=None,  # only on a terminal, like the single-process step: logs and CI output get no bar
     )
     try:
         reply = group.call(request, TrainReply)
         bar.update(0 if prepared.batch is None else 1)
     finally:
         bar.close()
-    metrics = prepared.metrics() | reply.metrics
+    metrics = prepared.metrics() | reply.metrics | {"time/step_prepare_s": prepare_s}
     metrics["loss/grad_norm"] = reply.state.grad_norm
     metrics["loss/learning_rate"] = config.learning_rate
     metrics["data/step_num_gradient_steps"] = 0.0 if prepared.batch is None else 1.0

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,6 +282,10 @@ def train_step(
         ]
     if plot_path is not None:
         _plot(parallel, batch, current, config, path=plot_path, precalculated=precalculate_logprobs)
+    started = time.perf_counter()
     metrics = forward_backward_shared(parallel, micros, config, total_tokens=batch.num_trained_tokens)
+    metrics["time/step_forward_backward_s"] = time.perf_counter() - started
+    started = time.perf_counter()
     after = optim_step(parallel.components, state, config, tokens=batch.num_trained_tokens)
+    metrics["time/step_optimizer_s"] = time.perf_counter() - started  # rank 0's, like the metrics above
     return after, metrics
