@@ -49,7 +49,7 @@ class EndpointChecks(SuiteBase):
     def test_inference_name_at_a_step_answers_with_token_ids(self, kit: Kit) -> None:
         self.needs_inference()
         model = kit.registered_model()
-        kit.train(model, kit.groups(model))
+        kit.train_step(model, kit.groups(model))
         for step in (None, 1, 0):
             (sample,) = kit.sample(model, step, 1, prompt="hi", seed=0, max_tokens=4)
             if not all(token.startswith("token_id:") for token in sample.tokens):
@@ -100,7 +100,7 @@ class EndpointChecks(SuiteBase):
             pytest.skip("supports_delete is False")
         model = kit.registered_model()
         for _ in range(3):
-            kit.train(model, kit.groups(model))
+            kit.train_step(model, kit.groups(model))
         kit.run(kit.backend._delete_checkpoint_files(model, [1, 3]))
         rule = "_delete_checkpoint_files(model, steps) keeps exactly those steps: they answer, all others are 404"
         if (step := kit.run(model.get_step())) != 3:

@@ -82,10 +82,11 @@ class Kit:
         """Groups sampled through the backend's own endpoint (or the suite's ``make_groups``)."""
         return self.run(self.suite.make_groups(self, model, equal_rewards=equal_rewards))
 
-    def train(
+    def train_step(
         self, model: art.TrainableModel, groups: list[art.TrajectoryGroup], **options: Any
     ) -> art.TrainResult:
-        """One ``backend.train`` at the suite's learning rate unless ``options`` say otherwise."""
+        """One ``backend.train`` at the suite's learning rate unless ``options`` say otherwise (the kit's own
+        helper: it forwards to the backend's typed keywords, so an option the backend lacks is its TypeError)."""
         result: art.TrainResult = self.run(
             self.backend.train(model, groups, **{"learning_rate": self.suite.learning_rate, **options})
         )

@@ -94,7 +94,7 @@ class PolicyChecks(SuiteBase):
                 f"{SAMPLES} samples at temperature 1 all began with {target}",
                 "sampling at temperature 1 draws from the model's distribution, not its most likely token",
             )
-        step_1 = kit.train(model, rewarding(at_0, target, reward_it=True, size=8)).step
+        step_1 = kit.train_step(model, rewarding(at_0, target, reward_it=True, size=8)).step
         at_1 = kit.sample(model, step_1, SAMPLES, prompt=prompt, seed=1000)  # same draws: the target recurs
         before, after = logprob_of(at_0, target), logprob_of(at_1, target)
         noise = max(1e-6, 2 * jitter(at_0, at_1))
@@ -104,7 +104,7 @@ class PolicyChecks(SuiteBase):
                 f"step 0 to {after} at step {step_1} ({'never sampled' if after is None else 'not higher'})",
                 DIRECTION_RULE,
             )
-        step_2 = kit.train(model, rewarding(at_1, target, reward_it=False, size=8)).step
+        step_2 = kit.train_step(model, rewarding(at_1, target, reward_it=False, size=8)).step
         at_2 = kit.sample(model, step_2, SAMPLES, prompt=prompt, seed=1000)
         penalised = logprob_of(at_2, target)
         if penalised is not None and penalised >= after - noise:
@@ -119,7 +119,9 @@ class PolicyChecks(SuiteBase):
         model = kit.registered_model()
         prompt = PROMPTS[1]
         at_0 = kit.sample(model, 0, SAMPLES, prompt=prompt, seed=4000)
-        step = kit.train(model, rewarding(at_0, most_common_first_token(at_0), reward_it=True, size=8)).step
+        step = kit.train_step(
+            model, rewarding(at_0, most_common_first_token(at_0), reward_it=True, size=8)
+        ).step
         warm = kit.sample(model, step, 2 * SAMPLES, prompt=prompt, seed=5000)
         cold = kit.sample(model, step, SAMPLES, prompt=prompt, seed=6000, temperature=0.5)
         problems = [
@@ -179,6 +181,6 @@ class PolicyChecks(SuiteBase):
     def _trained_probe(self, kit: Kit, groups: list[art.TrajectoryGroup], options: dict[str, Any]) -> Any:
         """A fresh model trained one step on ``groups`` with ``options``, seen through two seeded samples."""
         model = kit.registered_model()
-        step = kit.train(model, groups, **options).step
+        step = kit.train_step(model, groups, **options).step
         probe = kit.sample(model, step, 2, prompt=PROMPTS[2], seed=8000, max_tokens=4)
         return [(s.tokens, tuple(round(lp, 9) for lp in s.logprobs)) for s in probe]

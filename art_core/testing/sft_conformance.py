@@ -118,7 +118,7 @@ class SFTChecks(SuiteBase):
             if not samples:
                 violation(f"{model.get_inference_name(result.step)} answered nothing", SFT_RULE)
             groups = kit.groups(model)
-            after = kit.train(model, groups)
+            after = kit.train_step(model, groups)
             if after.step != result.step + 1:
                 violation(f"train() after SFT step {result.step} returned step {after.step}", SFT_RULE)
 

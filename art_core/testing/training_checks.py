@@ -137,7 +137,7 @@ class TrainingChecks(OptionChecks):  # the common options' bounds: option_checks
     def test_train_advances_the_step_and_returns_its_result_type(self, kit: Kit) -> None:
         model = kit.registered_model()
         before = kit.run(model.get_step())
-        result = kit.train(model, kit.groups(model))
+        result = kit.train_step(model, kit.groups(model))
         returned = result_type(type(kit.backend).train)
         if not (isinstance(returned, type) and issubclass(returned, art.TrainResult)):
             returned = art.TrainResult
@@ -166,7 +166,7 @@ class TrainingChecks(OptionChecks):  # the common options' bounds: option_checks
 
     def test_zero_variance_groups_are_reported_not_a_crash(self, kit: Kit) -> None:
         model = kit.registered_model()
-        result = kit.train(model, kit.groups(model, equal_rewards=True))
+        result = kit.train_step(model, kit.groups(model, equal_rewards=True))
         counts = (
             result.metrics["data/step_num_groups_trainable"],
             result.metrics["data/step_num_groups_submitted"],
@@ -228,7 +228,7 @@ class TrainingChecks(OptionChecks):  # the common options' bounds: option_checks
 
     def test_step_survives_a_fresh_backend_instance(self, kit: Kit, fresh_backend: Callable[[], Any]) -> None:
         model = kit.registered_model()
-        kit.train(model, kit.groups(model))
+        kit.train_step(model, kit.groups(model))
         kit.run(kit.backend.close())
         again = fresh_backend()
         reopened = kit.new_model(model.name)
