@@ -78,7 +78,6 @@ class InferenceService:
         self._batch_window_s = batch_window_s
         self._cpu_threads = cpu_threads
         self._max_body_bytes = max_body_bytes
-        self._start_timeout_s = start_timeout_s
         self._engine: HostedEngine | None = None
         self._server: InferenceServer | None = None
         self._start_lock = asyncio.Lock()
