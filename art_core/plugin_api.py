@@ -12,6 +12,9 @@ move. Users' training code needs only ``import art_core as art``. The groups:
 - durable writes: ``atomic_write_bytes``/``atomic_write_text``/``atomic_write_with``, ``atomic_replace_dir``,
   ``fsync_dir``, ``fsync_tree``, ``remove_stale_temporaries`` (of temp names ``TEMP_FILE_GLOB`` and
   ``STALE_DIR_PREFIXES``);
+- serving: ``bind_socket`` (a listening socket, port 0 = free), ``is_loopback``, ``url_host``, and
+  ``KEEP_ALIVE_S`` (uvicorn's ``timeout_keep_alive``: longer than clients keep idle connections) and
+  ``LISTEN_BACKLOG``;
 - history and plugins: ``read_history``, ``get_backend_class``.
 """
 
@@ -39,6 +42,7 @@ from art_core.durable import (
 from art_core.history import read_history
 from art_core.model_checks import validate_model_name, validate_name
 from art_core.plugins import get_backend_class
+from art_core.serving import KEEP_ALIVE_S, LISTEN_BACKLOG, bind_socket, is_loopback, url_host
 from art_core.train_options import (
     ADAMW,
     COMMON_TRAIN_DEFAULTS,
@@ -56,6 +60,8 @@ __all__ = [
     "ADAMW",
     "COMMON_TRAIN_DEFAULTS",
     "IMPORTANCE_SAMPLING_LEVELS",
+    "KEEP_ALIVE_S",
+    "LISTEN_BACKLOG",
     "STALE_DIR_PREFIXES",
     "TEMP_FILE_GLOB",
     "AdamWDefaults",
@@ -66,6 +72,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_with",
     "batch_advantages",
+    "bind_socket",
     "check_advantage_balance",
     "check_choice",
     "check_flag",
@@ -76,11 +83,13 @@ __all__ = [
     "get_backend_class",
     "group_advantages",
     "is_choice",
+    "is_loopback",
     "is_trainable_group",
     "mean_reward_std_dev",
     "normalize_batch",
     "read_history",
     "remove_stale_temporaries",
+    "url_host",
     "validate_model_name",
     "validate_name",
 ]

@@ -226,4 +226,53 @@ def summary_line(name: str, report: LoadReport, **extra: Any) -> str:
     return json.dumps({"target": name, **report.summary(), **extra})
 
 
-__all__ = ["DEFAULT_WAVES", "LoadPlan", "LoadReport", "run_load", "summary_line"]
+async def check_keep_alive(
+    base_url: str, api_key: str, *, idle_s: float = 6.0, timeout_s: float = 30.0
+) -> None:
+    """Raise ``AssertionError`` unless the server keeps an idle keep-alive connection open for ``idle_s``.
+
+    Clients keep idle connections in their pool for 5 s (httpx, the OpenAI client); a server that closes them
+    at the same moment (uvicorn's default) now and then closes one a client is reusing: a ``ReadError`` on the
+    client under load. The check sends ``GET /models`` twice on one connection, ``idle_s`` apart.
+    """
+    url = httpx.URL(base_url.rstrip("/") + "/models")
+    host, port = url.host, url.port or 80
+    request = (
+        f"GET {url.raw_path.decode()} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Authorization: Bearer {api_key}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    try:
+        for attempt in range(2):
+            if attempt:
+                await asyncio.sleep(idle_s)
+            writer.write(request)
+            await writer.drain()
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+            except asyncio.IncompleteReadError:
+                raise AssertionError(
+                    f"{base_url}: the server closed an idle keep-alive connection within {idle_s} s; "
+                    "keep idle connections longer than clients do (uvicorn: timeout_keep_alive)"
+                ) from None
+            status = head.split(b" ", 2)[1]
+            if status != b"200":
+                raise AssertionError(f"GET {url}: HTTP {status.decode()} ({head[:200]!r})")
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                None,
+            )
+            if length is None:
+                raise AssertionError(
+                    f"GET {url}: the answer has no Content-Length; cannot reuse the connection"
+                )
+            await asyncio.wait_for(reader.readexactly(length), timeout_s)
+    finally:
+        writer.close()
+
+
+__all__ = ["DEFAULT_WAVES", "LoadPlan", "LoadReport", "check_keep_alive", "run_load", "summary_line"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from art_core.testing.load import LoadPlan, run_load, summary_line
+from art_core.testing.load import LoadPlan, check_keep_alive, run_load, summary_line
 from art_local.inference.hf import HFEngine
 from art_local.inference.service import InferenceService
 
@@ -66,6 +66,9 @@ async def test_transformers_engine_soak(tiny_model_dir: Path) -> None:
             )
         )
         assert not report.problems(), report.problems()
+        await check_keep_alive(
+            service.base_url, service.api_key
+        )  # idle connections outlive the client's pool expiry
         assert report.answered + report.cancelled == report.tried >= 2000
         assert report.cancelled >= 100 and report.max_in_flight == 256
         assert engine.pending_requests() == 0, "requests were left in the engine's queue"

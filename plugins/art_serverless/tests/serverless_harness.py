@@ -10,7 +10,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import uvicorn
 from serverless_toy_backend import ToyBackend
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from art_core.plugin_api import KEEP_ALIVE_S, bind_socket
 from art_serverless.server import ServerConfig, create_app
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -124,12 +124,12 @@ class ThreadServer:
     """uvicorn serving ``app`` on 127.0.0.1 (free port) in a background thread."""
 
     def __init__(self, app: ASGIApp) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
+        self.sock = bind_socket("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=KEEP_ALIVE_S)
+        )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> ThreadServer:

@@ -27,6 +27,7 @@ import art_core
 from art_core.advantages import batch_advantages, is_trainable_group, normalize_batch
 from art_core.backend import ImportanceSamplingLevel
 from art_core.model import Model, TrainableModel
+from art_core.plugin_api import KEEP_ALIVE_S, bind_socket
 from art_core.results import TrainResult
 from art_core.trajectories import TrajectoryGroup, check_groups
 
@@ -121,14 +122,12 @@ class ToyBackend:
 
     async def _prepare_backend_for_training(self, model: TrainableModel) -> tuple[str, str]:
         if self._base_url is None:
-            import socket
-
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(16)
+            sock = bind_socket("127.0.0.1", 0)
             port = sock.getsockname()[1]
             config = uvicorn.Config(
-                echo_app(self.api_key, self._known, self.chat_requests), log_level="warning"
+                echo_app(self.api_key, self._known, self.chat_requests),
+                log_level="warning",
+                timeout_keep_alive=KEEP_ALIVE_S,
             )
             self._server = uvicorn.Server(config)
             self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)

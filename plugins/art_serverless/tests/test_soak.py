@@ -11,7 +11,7 @@ import pytest
 from test_e2e_local import KEY, art_serve, rollout
 
 import art_core as art
-from art_core.testing.load import LoadPlan, run_load, summary_line
+from art_core.testing.load import LoadPlan, check_keep_alive, run_load, summary_line
 from art_serverless import ServerlessBackend
 
 pytest.importorskip("art_local.backend")
@@ -44,6 +44,9 @@ async def test_serverless_relay_soak(tmp_path: Path) -> None:
         )
         print(summary_line("serverless relay to LocalBackend", report))
         assert not report.problems(), report.problems()
+        await check_keep_alive(
+            model.inference_base_url, model.inference_api_key
+        )  # idle connections outlive the client's pool expiry
         assert report.answered + report.cancelled == report.tried >= 600
         assert report.cancelled >= 20 and report.max_in_flight == 256
     finally:

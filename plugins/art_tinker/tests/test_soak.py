@@ -11,7 +11,7 @@ import pytest
 from tinker_harness import Server, rollout_groups
 
 import art_core as art
-from art_core.testing.load import LoadPlan, run_load, summary_line
+from art_core.testing.load import LoadPlan, check_keep_alive, run_load, summary_line
 from art_tinker import TinkerBackend
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(600)]
@@ -34,6 +34,9 @@ async def test_tinker_sampling_soak(tmp_path: Path, server: Server, tiny_model: 
         )
         print(summary_line("tinker loopback via TinkerBackend's endpoint", report))
         assert not report.problems(), report.problems()
+        await check_keep_alive(
+            model.inference_base_url, model.inference_api_key
+        )  # idle connections outlive the client's pool expiry
         assert report.answered + report.cancelled == report.tried >= 500
         assert report.cancelled >= 20 and report.max_in_flight == 256
     finally:

@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from art_core.plugin_api import KEEP_ALIVE_S, bind_socket, url_host
 from art_local.inference.batching import EngineFailure
 from art_local.inference.engine import Engine, ServedModel, UnknownModelError
 from art_local.inference.protocol import (
@@ -267,25 +268,6 @@ class _StartupLog(logging.Handler):
         self.lines.append(self.format(record))
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (0 = a free port); a clear error when the port is taken."""
-    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP, and
-    # without it every keep-alive response waits ~40 ms for a delayed ACK (Nagle), measured here.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(
-            exc.errno, f"cannot bind {host}:{port} ({exc.strerror}); pass port=0 for a free port"
-        ) from exc
-    sock.listen(2048)
-    sock.set_inheritable(False)
-    return sock
-
-
 class InferenceServer:
     """Runs an ASGI app with uvicorn in a daemon thread; ``start``/``stop`` have timeouts."""
 
@@ -302,8 +284,7 @@ class InferenceServer:
         """``http://host:port/v1`` (valid after ``start``)."""
         if not self.port:
             raise RuntimeError("the server has not started; await start() first")
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self.port}/v1"
+        return f"http://{url_host(self._host)}:{self.port}/v1"
 
     async def start(self, timeout_s: float = 60.0) -> None:
         """Bind, start serving, and return once the server accepts requests (idempotent)."""
@@ -317,9 +298,7 @@ class InferenceServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=5,
-            # idle keep-alive connections live longer than a rollout wave: closing one just as a client reuses it
-            # is a ReadError on the client (uvicorn's default is 5 s)
-            timeout_keep_alive=75,
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
         self._server = server = uvicorn.Server(config)
         log = _StartupLog()

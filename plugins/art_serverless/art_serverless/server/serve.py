@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
-import socket
 import sys
 from pathlib import Path
 
 import uvicorn
 
-from art_core.plugin_api import atomic_write_text
+from art_core.plugin_api import KEEP_ALIVE_S, atomic_write_text, bind_socket, is_loopback, url_host
 from art_serverless.server.app import ServerConfig, ServerState, create_app
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0 picks a free one)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as error:
-        sock.close()
-        raise OSError(
-            error.errno, f"cannot listen on {host}:{port}: {error.strerror}; pick another --port"
-        ) from error
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and 'localhost'."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_or_create_api_key(path: Path) -> str:
@@ -62,7 +33,7 @@ def serve(
     """Serve until interrupted; prints one ``art serverless: listening on URL`` line once ready."""
     sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
-    shown_host = f"[{host}]" if ":" in host else host
+    shown_host = url_host(host)
 
     def ready(state: ServerState) -> None:
         print(
@@ -79,7 +50,13 @@ def serve(
         )
     app = create_app(config, on_ready=ready)
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30)
+        uvicorn.Config(
+            app,
+            log_level=log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=30,
+            timeout_keep_alive=KEEP_ALIVE_S,
+        )
     )
     try:
         server.run(sockets=[sock])

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from art_core.plugin_api import KEEP_ALIVE_S, bind_socket, is_loopback, url_host
+
 DEFAULT_ROOT = Path(".art") / "tinker_server"
 
 
@@ -68,19 +70,29 @@ def serve(config: ServerConfig, *, log_level: str = "warning") -> None:
     app = build_app(config)
     # long-polls hold connections for up to long_poll_s: do not let them delay a shutdown for longer than this
     settings = uvicorn.Config(
-        app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5
+        app, log_level=log_level, timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S
     )
     server = uvicorn.Server(settings)
+    sock = bind_socket(config.host, config.port)
+    if not is_loopback(config.host):
+        print(
+            f"art tinker server: WARNING: listening on {config.host}, reachable from other machines",
+            file=sys.stderr,
+            flush=True,
+        )
 
     async def run() -> None:
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn exposes only a flag)
             await asyncio.sleep(0.05)
         if server.started:
-            port = server.servers[0].sockets[0].getsockname()[1]
-            print(f"art tinker server listening on http://{config.host}:{port}", flush=True)
+            port = sock.getsockname()[1]
+            print(f"art tinker server listening on http://{url_host(config.host)}:{port}", flush=True)
         await task
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        sock.close()
     if not server.started:
         sys.exit(1)
