@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import functools
 import os
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
     from art_local.distributed import DistributedConfig, WorkerGroup
     from art_local.inference.service import InferenceService
     from art_local.inference.vllm_config import VLLMEngineConfig
-    from art_local.training import TrainerConfig, TrainingComponents, TrainingState
+    from art_local.training import StepConfig, TrainerConfig, TrainingComponents, TrainingState
 
 
 _T = TypeVar("_T")
@@ -329,8 +328,7 @@ class LocalBackend:
             scale_rewards=scale_rewards,
             importance_sampling_level=importance_sampling_level,
         )
-        from art_local.training import LossConfig
-        from art_local.training.call import CallOptions
+        from art_local.training import LossConfig, StepConfig
 
         slot = self._slot(model)
         self._check_inference()
@@ -345,14 +343,11 @@ class LocalBackend:
             kl_penalty_coef=kl_penalty_coef,
             truncated_importance_sampling=truncated_importance_sampling,
         )
-        config = dataclasses.replace(
-            self._config,
+        groups = check_groups(trajectory_groups)
+        step = StepConfig(
             learning_rate=learning_rate,
             loss=loss,
             logprob_calculation_chunk_size=logprob_calculation_chunk_size,
-        )
-        groups = check_groups(trajectory_groups)
-        options = CallOptions(
             scale_rewards=scale_rewards,
             advantage_balance=advantage_balance,
             allow_training_without_logprobs=allow_training_without_logprobs,
@@ -360,9 +355,10 @@ class LocalBackend:
             scale_learning_rate_by_reward_std_dev=scale_learning_rate_by_reward_std_dev,
             plot_tensors=plot_tensors,
             verbose=verbose,
+            save_checkpoint=save_checkpoint,
         )
         async with slot.train_lock:
-            return await self._train_locked(slot, groups, config, options, save_checkpoint)
+            return await self._train_locked(slot, groups, step)
 
     async def train_sft(
         self,
@@ -443,13 +439,13 @@ class LocalBackend:
     # -- internals --------------------------------------------------------------------------------------------
 
     async def _train_locked(
-        self, slot: _Slot, groups: list[TrajectoryGroup], config: TrainerConfig, options: Any, save: bool
+        self, slot: _Slot, groups: list[TrajectoryGroup], step: StepConfig
     ) -> LocalTrainResult:
         from art_local.training import save_checkpoint
         from art_local.training.call import train_on_groups
 
         if slot.workers is not None:
-            return await self._train_with_workers(slot, slot.workers, groups, config, options, save)
+            return await self._train_with_workers(slot, slot.workers, groups, step)
         model, components = slot.model, slot.components
         assert components is not None
         started = time.perf_counter()
@@ -461,17 +457,16 @@ class LocalBackend:
                 slot.tokenizer,
                 slot.state,
                 groups,
-                config,
-                options,
+                step,
                 model_dir=model.output_dir(),
                 label=model.name,
             )
-            slot.state = (
-                outcome.state
-            )  # the weights have moved: the step happened even if the checkpoint write fails
-            directory = _checkpoints_dir(model) / f"{outcome.state.step:04d}" if save else None
+            slot.state = outcome.state  # the weights have moved: the step happened even if the write fails
+            directory = (
+                _checkpoints_dir(model) / f"{outcome.state.step:04d}" if step.save_checkpoint else None
+            )
             if directory is not None:
-                await run_on(slot.trainer, save_checkpoint, components, outcome.state, config, directory)
+                await run_on(slot.trainer, save_checkpoint, components, outcome.state, directory)
         metrics = {**outcome.metrics, "time/step_trainer_s": time.perf_counter() - started}
         if slot.served and self._service is not None:
             await self._publish(slot, components, outcome.state.step, directory)
@@ -516,15 +511,13 @@ class LocalBackend:
         slot: _Slot,
         workers: WorkerGroup,
         groups: list[TrajectoryGroup],
-        config: TrainerConfig,
-        options: Any,
-        save: bool,
+        step: StepConfig,
     ) -> LocalTrainResult:
         from art_local.distributed.remote import train_remote
 
         model = slot.model
         started = time.perf_counter()
-        directory = _checkpoints_dir(model) / f"{slot.state.step + 1:04d}" if save else None
+        directory = _checkpoints_dir(model) / f"{slot.state.step + 1:04d}" if step.save_checkpoint else None
         publish = slot.served and self._service is not None
         if publish and directory is None and slot.is_lora and self._service is not None:
             if self._service.engine_kind == "vllm":
@@ -540,8 +533,8 @@ class LocalBackend:
                 slot.tokenizer,
                 slot.state,
                 groups,
-                config,
-                options,
+                self._config,
+                step,
                 model_dir=model.output_dir(),
                 checkpoint_dir=directory,
                 return_weights=publish,
@@ -616,9 +609,7 @@ class LocalBackend:
         if not steps:
             return components, TrainingState()
         last = checkpoints / f"{steps[-1]:04d}"
-        state = load_checkpoint(
-            components, last, self._config, allow_config_mismatch=self._allow_config_mismatch
-        )
+        state = load_checkpoint(components, last, allow_config_mismatch=self._allow_config_mismatch)
         return components, state
 
     def _load(self, model: TrainableModel, trainer: ThreadPoolExecutor) -> _Slot:

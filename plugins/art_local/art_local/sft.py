@@ -3,7 +3,6 @@ workers), checkpointed and served like a ``train()`` step."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -71,7 +70,6 @@ async def _here(
 
     components = slot.components
     assert components is not None
-    config = backend.trainer_config
     async with backend._inference_asleep():
         outcome = await run_on(
             slot.trainer,
@@ -79,15 +77,13 @@ async def _here(
             components,
             slot.state,
             examples,
-            config,
             options,
             label=slot.model.name,
             verbose=verbose,
         )
         slot.state = outcome.state  # the weights have moved: the step happened even if the write fails
         if directory is not None:
-            step_config = dataclasses.replace(config, learning_rate=options.learning_rate)
-            await run_on(slot.trainer, write_checkpoint, components, outcome.state, step_config, directory)
+            await run_on(slot.trainer, write_checkpoint, components, outcome.state, directory)
     if slot.served and backend._service is not None:
         await backend._publish(slot, components, outcome.state.step, directory)
     return outcome.metrics
@@ -124,7 +120,6 @@ async def _on_workers(
             slot.workers,
             slot.state,
             examples,
-            backend.trainer_config,
             options,
             checkpoint_dir=directory,
             return_weights=publish,

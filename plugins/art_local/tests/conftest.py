@@ -105,3 +105,29 @@ def sort_groups(make_choice: ChoiceMaker) -> Callable[..., list[Any]]:
         return groups
 
     return make
+
+
+ClaimWrittenWith = Callable[[Any, Path, Path], Path]
+
+
+@pytest.fixture(scope="session")
+def claim_written_with() -> ClaimWrittenWith:
+    """``claim(config, checkpoint_dir, copy)``: a copy of a checkpoint whose metadata says ``config`` wrote it."""
+    import json
+    import shutil
+
+    from art_local.training.state import FINGERPRINT_VERSION
+
+    def claim(config: Any, directory: Path, copy: Path) -> Path:
+        shutil.copytree(directory, copy)
+        metadata = json.loads((copy / "metadata.json").read_text())
+        metadata.update(
+            fingerprint=config.fingerprint(),
+            fingerprint_version=FINGERPRINT_VERSION,
+            fingerprint_fields=config.fingerprint_fields(),
+            config=config.to_json(),
+        )
+        (copy / "metadata.json").write_text(json.dumps(metadata))
+        return copy
+
+    return claim

@@ -26,14 +26,15 @@ from art_core.trajectories import is_choice
 from art_local.backend import LocalBackend
 from art_local.distributed import DistributedConfig, DistributedWorkerError
 from art_local.distributed.protocol import LoadReply, LoadRequest, TrainReply, TrainRequest
-from art_local.distributed.step import split_rows
 from art_local.training import (
     CheckpointMismatchError,
     LossConfig,
+    StepConfig,
     TrainerConfig,
     compute_logprobs,
     prepare_batch,
 )
+from art_local.training.step import split_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -130,7 +131,7 @@ def served_vs_trained(reference: LocalBackend, name: str, groups: list[art.Traje
 
 
 async def test_ddp_on_two_gloo_processes_trains_serves_checkpoints_and_recovers_like_one_process(
-    tmp_path: Path, tiny_model_dir: Path, sort_groups: Groups
+    tmp_path: Path, tiny_model_dir: Path, sort_groups: Groups, claim_written_with: Callable[..., Path]
 ) -> None:
     config = TrainerConfig(lora_rank=4, max_sequence_length=48, micro_batch_rows=1)
     multi_path, single_path = tmp_path / "multi", tmp_path / "single"
@@ -171,7 +172,8 @@ async def test_ddp_on_two_gloo_processes_trains_serves_checkpoints_and_recovers_
         workers = backend._slots["m"].workers
         assert workers is not None
         wrong = dataclasses.replace(config, weight_decay=0.1)
-        refuse = LoadRequest(result.checkpoint_path, wrong)
+        claimed = claim_written_with(wrong, Path(result.checkpoint_path), tmp_path / "claimed")
+        refuse = LoadRequest(str(claimed))
         with pytest.raises(CheckpointMismatchError, match="allow_config_mismatch=True") as mismatch:
             await asyncio.to_thread(workers.call, refuse, LoadReply)  # rank 0 refuses; the group stays up
         assert "raised by trainer worker rank 0" in "".join(mismatch.value.__notes__)
@@ -181,7 +183,8 @@ async def test_ddp_on_two_gloo_processes_trains_serves_checkpoints_and_recovers_
         tokens_BT = prepared.batch.tokens_BT.clone()
         tokens_BT[rows_of_rank_1] = 10_000  # beyond the vocabulary: rank 1's embedding lookup raises
         bad_batch = dataclasses.replace(prepared.batch, tokens_BT=tokens_BT)
-        broken = TrainRequest(state=backend._slots["m"].state, batch=bad_batch, config=config)
+        state = backend._slots["m"].state
+        broken = TrainRequest(state=state, batch=bad_batch, step=StepConfig(), learning_rate=1e-2)
         with pytest.raises(DistributedWorkerError) as failure:
             await asyncio.wait_for(asyncio.to_thread(workers.call, broken, TrainReply), timeout=120)
         message = str(failure.value)
@@ -271,15 +274,13 @@ async def test_fsdp_on_two_nodes_full_fine_tune_with_kl_and_precalculated_logpro
         workers = backend._slots["f"].workers  # reload step 1 into the shards and replay step 2 from it
         assert workers is not None
         checkpoints = model.output_dir() / "checkpoints"
-        loaded = await asyncio.to_thread(
-            workers.call, LoadRequest(str(checkpoints / "0001"), config), LoadReply
-        )
+        loaded = await asyncio.to_thread(workers.call, LoadRequest(str(checkpoints / "0001")), LoadReply)
         assert loaded.state.step == 1
         replay = TrainRequest(
             state=loaded.state,
             batch=one_row_batch,
-            config=dataclasses.replace(config, learning_rate=1e-3, loss=LossConfig(kl_penalty_coef=0.5)),
-            precalculate_logprobs=True,
+            step=StepConfig(loss=LossConfig(kl_penalty_coef=0.5), precalculate_logprobs=True),
+            learning_rate=1e-3,
             checkpoint_dir=str(tmp_path / "replay"),
         )
         replayed = await asyncio.to_thread(workers.call, replay, TrainReply)

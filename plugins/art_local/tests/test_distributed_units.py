@@ -27,9 +27,9 @@ from art_local.distributed.channel import (
 )
 from art_local.distributed.group import _format_failure
 from art_local.distributed.protocol import TrainReply
-from art_local.distributed.step import micro_plan, select_rows, split_rows
 from art_local.training import (
     LossConfig,
+    StepConfig,
     TrainBatch,
     TrainerConfig,
     TrainingState,
@@ -39,6 +39,7 @@ from art_local.training import (
     prepare_batch,
 )
 from art_local.training.logprobs import logprobs_and_entropy
+from art_local.training.step import micro_plan, select_rows, split_rows
 from art_local.training.steps import micro_batch_loss
 
 Groups = Callable[..., list[Any]]
@@ -81,26 +82,31 @@ def test_per_rank_losses_over_the_global_token_count_add_up_to_the_one_process_g
 ) -> None:
     """The reduction argument of step.py without processes: Σ_ranks ∇(loss_r) = ∇(one-process loss)."""
     config = TrainerConfig(lora_rank=None)
+    loss_config = LossConfig()
     whole = build_components(tiny_model_dir, config, device="cpu")
-    forward_backward(whole, rows_batch, config)
+    forward_backward(whole, rows_batch)
     split = build_components(tiny_model_dir, config, device="cpu")
     total = rows_batch.num_trained_tokens
     shares = [select_rows(rows_batch, rows) for rows in split_rows(rows_batch, 2)]
-    losses = [micro_batch_loss(split, share, config, total_tokens=total)[0] for share in shares]
+    losses = [
+        micro_batch_loss(split, share, loss_config, chunk_size=1024, total_tokens=total)[0]
+        for share in shares
+    ]
     for loss in losses:
         loss.backward()  # type: ignore[no-untyped-call]  # gradients add up, as DDP's average of N × loss does
     for (name, a), (_, b) in zip(whole.model.named_parameters(), split.model.named_parameters(), strict=True):
         assert a.grad is not None and b.grad is not None
         assert torch.allclose(a.grad, b.grad, atol=1e-7, rtol=1e-4), name
-    own = micro_batch_loss(split, shares[0], config, total_tokens=shares[0].num_trained_tokens)[0]
+    own_tokens = shares[0].num_trained_tokens
+    own = micro_batch_loss(split, shares[0], loss_config, chunk_size=1024, total_tokens=own_tokens)[0]
     assert not torch.isclose(own, losses[0])  # the rank's own token count would be the wrong denominator
 
 
 def test_micro_batch_loss_hooks_replace_the_forward_and_the_kl_mean(
     tiny_model_dir: Path, rows_batch: TrainBatch
 ) -> None:
-    config = TrainerConfig(lora_rank=None, loss=LossConfig(kl_penalty_coef=0.5))
-    components = build_components(tiny_model_dir, config, device="cpu")
+    config = LossConfig(kl_penalty_coef=0.5)
+    components = build_components(tiny_model_dir, TrainerConfig(lora_rank=None), device="cpu")
     torch.manual_seed(1)
     with torch.no_grad():  # move away from the reference so the KL term is not zero
         for parameter in components.model.parameters():
@@ -112,15 +118,21 @@ def test_micro_batch_loss_hooks_replace_the_forward_and_the_kl_mean(
         calls.append(micro.tokens_BT.shape[0])
         return logprobs_and_entropy(components.model, micro, chunk_size=1024)
 
-    plain, plain_shares = micro_batch_loss(components, rows_batch, config, total_tokens=total)
+    plain, plain_shares = micro_batch_loss(
+        components, rows_batch, config, chunk_size=1024, total_tokens=total
+    )
     hooked, hooked_shares = micro_batch_loss(
-        components, rows_batch, config, total_tokens=total, logprobs_fn=forward
+        components, rows_batch, config, chunk_size=1024, total_tokens=total, logprobs_fn=forward
     )
     assert calls == [rows_batch.tokens_BT.shape[0]] and torch.equal(plain, hooked)
     assert plain_shares == hooked_shares and plain_shares["loss/kl_policy_ref"] != 0
     own_mean = torch.tensor(plain_shares["loss/kl_policy_ref"])
-    same, _ = micro_batch_loss(components, rows_batch, config, total_tokens=total, kl_mean=own_mean)
-    shifted, _ = micro_batch_loss(components, rows_batch, config, total_tokens=total, kl_mean=own_mean + 1)
+    same, _ = micro_batch_loss(
+        components, rows_batch, config, chunk_size=1024, total_tokens=total, kl_mean=own_mean
+    )
+    shifted, _ = micro_batch_loss(
+        components, rows_batch, config, chunk_size=1024, total_tokens=total, kl_mean=own_mean + 1
+    )
     assert torch.allclose(same, plain, rtol=1e-5) and not torch.allclose(shifted, plain, rtol=1e-3)
 
 
@@ -224,7 +236,7 @@ def test_failure_text_names_the_rank_that_raised_not_the_ones_that_lost_their_pe
 
 
 def test_the_worker_loop_serves_the_protocol_in_a_world_of_one(
-    tmp_path: Path, tiny_model_dir: Path, rows_batch: TrainBatch
+    tmp_path: Path, tiny_model_dir: Path, rows_batch: TrainBatch, claim_written_with: Callable[..., Path]
 ) -> None:
     """serve() in this process (gloo, world size 1): setup, train + checkpoint, clean load error, weights, ping."""
     import torch.distributed as dist
@@ -245,7 +257,7 @@ def test_the_worker_loop_serves_the_protocol_in_a_world_of_one(
     from art_local.distributed.worker import Rank, next_request, serve
     from art_local.training import CheckpointMismatchError, get_weights, load_checkpoint, optim_step
 
-    config = TrainerConfig(lora_rank=4, learning_rate=1e-2)
+    config = TrainerConfig(lora_rank=4)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -262,25 +274,28 @@ def test_the_worker_loop_serves_the_protocol_in_a_world_of_one(
         worker.start()
         assert ask(SetupRequest(str(tiny_model_dir), config, "ddp")) == SetupReply(world_size=1, is_lora=True)
         directory = tmp_path / "checkpoints" / "0001"
-        reply = ask(TrainRequest(TrainingState(), rows_batch, config, checkpoint_dir=str(directory)))
+        request = TrainRequest(TrainingState(), rows_batch, StepConfig(), 1e-2, checkpoint_dir=str(directory))
+        reply = ask(request)
         assert isinstance(reply, TrainReply) and reply.state.step == 1
         reference = build_components(tiny_model_dir, config, device="cpu")
-        metrics = forward_backward(reference, rows_batch, config)
-        state = optim_step(reference, TrainingState(), config, tokens=rows_batch.num_trained_tokens)
+        metrics = forward_backward(reference, rows_batch)
+        state = optim_step(
+            reference, TrainingState(), learning_rate=1e-2, tokens=rows_batch.num_trained_tokens
+        )
         assert reply.state.grad_norm == pytest.approx(state.grad_norm, rel=1e-6)
         assert reply.metrics["loss/train"] == pytest.approx(metrics["loss/train"], rel=1e-6, abs=1e-12)
         saved = build_components(tiny_model_dir, config, device="cpu")
-        assert load_checkpoint(saved, directory, config).step == 1
+        assert load_checkpoint(saved, directory).step == 1
         expected, got = get_weights(reference), get_weights(saved)
         assert all(torch.allclose(expected[k], got[k], atol=1e-7) for k in expected)
 
-        wrong = dataclasses.replace(config, weight_decay=0.1)
-        refused = ask(LoadRequest(str(directory), wrong))
+        wrong = claim_written_with(
+            dataclasses.replace(config, weight_decay=0.1), directory, tmp_path / "0001"
+        )
+        refused = ask(LoadRequest(str(wrong)))
         assert isinstance(refused, ErrorReply) and isinstance(refused.error, CheckpointMismatchError)
         assert "allow_config_mismatch=True" in refused.summary and "Traceback" in refused.traceback
-        assert isinstance(
-            ask(LoadRequest(str(directory), config)), LoadReply
-        )  # still serving after the refusal
+        assert isinstance(ask(LoadRequest(str(directory))), LoadReply)  # still serving after the refusal
         weights = ask(WeightsRequest())
         assert isinstance(weights, WeightsReply) and "model.embed_tokens.weight" in weights.weights
         assert isinstance(ask(ShutdownRequest()), ShutdownReply)

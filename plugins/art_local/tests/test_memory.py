@@ -15,7 +15,7 @@ import torch
 
 import art_core as art
 from art_local.backend import LocalBackend
-from art_local.training import TrainerConfig, build_components, forward_backward
+from art_local.training import StepConfig, TrainerConfig, build_components, forward_backward
 from art_local.training.logprobs import causal_lm
 from art_local.training.measure_memory import save_random_model, synthetic_batch
 from art_local.training.memory import MemoryPlanError, check_memory_fits, plan_memory
@@ -27,14 +27,11 @@ def test_activation_checkpointing_must_be_a_bool_or_auto() -> None:
         TrainerConfig(activation_checkpointing="yes")  # type: ignore[arg-type]
 
 
-def test_checkpointing_and_chunk_size_leave_the_fingerprint_alone() -> None:
-    base = TrainerConfig()
-    changed = TrainerConfig(
-        activation_checkpointing=True, logprob_calculation_chunk_size=64, memory_check=False
-    )
-    assert changed.fingerprint() == base.fingerprint()
-    # the fingerprint still sees the maths
-    assert TrainerConfig(lora_rank=4).fingerprint() != base.fingerprint()
+def test_chunk_size_is_a_per_call_option_and_checkpointing_a_static_one() -> None:
+    assert "logprob_calculation_chunk_size" not in TrainerConfig().fingerprint_fields()
+    assert StepConfig(logprob_calculation_chunk_size=64).logprob_calculation_chunk_size == 64
+    # static, so fingerprinted: a resume with another value is refused unless allow_config_mismatch=True
+    assert TrainerConfig(activation_checkpointing=True).fingerprint() != TrainerConfig().fingerprint()
 
 
 def test_auto_checkpointing_is_on_for_large_models_on_cuda_only() -> None:
@@ -61,7 +58,7 @@ def test_gradients_with_activation_checkpointing_equal_those_without(
             if "lora_B" in name:  # peft starts B at zero, which would leave every lora_A gradient zero
                 parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
         batch = synthetic_batch(2, 48, int(lm.config.vocab_size), seed=1)
-        forward_backward(components, batch, config)
+        forward_backward(components, batch)
         grads[checkpointing] = {
             name: parameter.grad.clone()
             for name, parameter in components.model.named_parameters()
@@ -73,8 +70,15 @@ def test_gradients_with_activation_checkpointing_equal_those_without(
         torch.testing.assert_close(grads[True][name], without, atol=1e-5, rtol=0, msg=name)
 
 
-def _measure(model_dir: Path, rows: int, sequence_length: int, config: dict[str, Any]) -> dict[str, Any]:
+def _measure(
+    model_dir: Path,
+    rows: int,
+    sequence_length: int,
+    config: dict[str, Any],
+    step: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     request = {
+        "step": step or {},
         "model_dir": str(model_dir),
         "rows": rows,
         "sequence_length": sequence_length,
@@ -113,7 +117,7 @@ def held_for_backward_bytes(components: Any, batch: Any, config: TrainerConfig) 
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        forward_backward(components, batch, config)
+        forward_backward(components, batch)
     return held
 
 
@@ -157,8 +161,8 @@ def test_a_150k_vocabulary_peaks_with_the_chunk_not_the_sequence(tmp_path: Path)
         vocab_size=vocab,
         max_position_embeddings=sequence,
     )
-    config = {"lora_rank": 8, "logprob_calculation_chunk_size": chunk, "activation_checkpointing": False}
-    result = _measure(model_dir, 1, sequence, config)
+    config = {"lora_rank": 8, "activation_checkpointing": False}
+    result = _measure(model_dir, 1, sequence, config, step={"logprob_calculation_chunk_size": chunk})
     full_logits = sequence * vocab * 4  # 2.3 GiB of fp32 logits if the sequence went through at once
     # 73 MiB; a few copies of it (logits, softmax, gradient) are alive at once
     chunk_logits = chunk * vocab * 4
@@ -177,7 +181,8 @@ def test_register_refuses_a_model_the_device_cannot_hold(
         tiny_model_dir,
         sequence_length=4096,
         batch_rows=1,
-        trainer_config=TrainerConfig(logprob_calculation_chunk_size=256, activation_checkpointing=True),
+        trainer_config=TrainerConfig(activation_checkpointing=True),
+        step=StepConfig(logprob_calculation_chunk_size=256),
         device="cpu",
     )
     assert relieved.total_bytes < needed.total_bytes
@@ -223,15 +228,14 @@ def test_the_torchrun_path_checkpoints_activations_with_the_same_step(
     import torch.distributed as dist
 
     from art_local.distributed.protocol import SetupRequest
-    from art_local.distributed.step import train_step
     from art_local.distributed.worker import Rank, _setup
-    from art_local.training import TrainingState, optim_step
+    from art_local.training import TrainingState, optim_step, train_step
 
-    config = TrainerConfig(lora_rank=lora_rank, learning_rate=1e-2, activation_checkpointing=True)
+    config = TrainerConfig(lora_rank=lora_rank, activation_checkpointing=True)
     batch = synthetic_batch(2, 40, 1024, seed=3)
     reference = build_components(tiny_model_dir, dataclasses.replace(config, activation_checkpointing=False))
-    metrics = forward_backward(reference, batch, config)
-    expected = optim_step(reference, TrainingState(), config, tokens=batch.num_trained_tokens)
+    metrics = forward_backward(reference, batch)
+    expected = optim_step(reference, TrainingState(), learning_rate=1e-2, tokens=batch.num_trained_tokens)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -239,7 +243,7 @@ def test_the_torchrun_path_checkpoints_activations_with_the_same_step(
         parallel, _ = _setup(me, SetupRequest(str(tiny_model_dir), config, strategy))
         lm: Any = causal_lm(parallel.components.model)
         assert lm.is_activation_checkpointing
-        state, got = train_step(parallel, TrainingState(), batch, config)
+        state, got = train_step(parallel, TrainingState(), batch, StepConfig(), learning_rate=1e-2)
     finally:
         parent.close()
         child.close()
@@ -270,7 +274,7 @@ def test_on_cuda_checkpointing_lowers_max_memory_allocated_and_the_plan_fits(tmp
         components = build_components(model_dir, config, device="cuda")
         batch = synthetic_batch(2, 2048, 32000).to("cuda")
         torch.cuda.reset_peak_memory_stats()
-        forward_backward(components, batch, config)
+        forward_backward(components, batch)
         peaks[checkpointing] = torch.cuda.max_memory_allocated()
         planned[checkpointing] = plan_memory(
             model_dir, sequence_length=2048, batch_rows=2, trainer_config=config, device="cuda"

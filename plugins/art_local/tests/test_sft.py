@@ -31,7 +31,7 @@ def held_out_loss(backend: LocalBackend, model: art.TrainableModel, data: list[a
     slot = backend._slots[model.name]
     examples = sft_examples(sft_conversations(data, "all"), slot.tokenizer, max_sequence_length=2048)
     assert slot.components is not None
-    return evaluate_sft_loss(slot.components, examples, backend.trainer_config)
+    return evaluate_sft_loss(slot.components, examples)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import torch
 from art_local.training import (
     CheckpointMismatchError,
     LossConfig,
+    StepConfig,
     TrainBatch,
     TrainerConfig,
     TrainingComponents,
@@ -34,8 +35,13 @@ from art_local.training import (
 from art_local.training.logprobs import causal_lm
 from art_local.training.steps import reference_logprobs
 
-LORA = TrainerConfig(learning_rate=1e-2, lora_rank=4)
-FULL = TrainerConfig(learning_rate=1e-3, lora_rank=None)
+LORA = TrainerConfig(lora_rank=4)
+FULL = TrainerConfig(lora_rank=None)
+
+
+def rate(config: TrainerConfig) -> float:
+    """The learning rate these tests step each kind of model at."""
+    return 1e-3 if config.full_fine_tune else 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +64,10 @@ def test_a_step_returns_new_state_and_changes_only_trainable_weights(
     assert (trainable == {n for n, _ in components.model.named_parameters()}) == config.full_fine_tune
     before = {n: p.detach().clone() for n, p in components.model.named_parameters()}
     state = TrainingState()
-    metrics = forward_backward(components, batch, config)
+    metrics = forward_backward(components, batch)
     assert set(metrics) == {"loss/train", "loss/entropy"}
     assert 0 < metrics["loss/entropy"] <= torch.log(torch.tensor(1024.0)).item() + 1e-4
-    new_state = optim_step(components, state, config, tokens=batch.num_trained_tokens)
+    new_state = optim_step(components, state, learning_rate=rate(config), tokens=batch.num_trained_tokens)
     assert state == TrainingState()  # the input state is never mutated
     assert (new_state.step, new_state.weight_version, new_state.tokens_seen) == (
         1,
@@ -86,8 +92,8 @@ def test_rewarded_answers_gain_probability(
     start = compute_logprobs(components, batch)
     state = TrainingState()
     for _ in range(5):
-        forward_backward(components, batch, LORA)
-        state = optim_step(components, state, LORA)
+        forward_backward(components, batch)
+        state = optim_step(components, state, learning_rate=rate(LORA))
     end = compute_logprobs(components, batch)
     assert float(end[rewarded].mean()) > float(start[rewarded].mean()) + 0.5
     assert float(end[punished].mean()) < float(start[punished].mean())
@@ -122,13 +128,12 @@ def test_chunked_unembedding_gives_the_same_logprobs_and_gradients(
     seen: list[int] = []
     handle = lm_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
     try:
-        whole = forward_backward(components, batch, FULL)
+        whole = forward_backward(components, batch)
         whole_grads = _grads(components)
         assert max(seen) == batch.num_trained_tokens
         components.optimizer.zero_grad(set_to_none=True)
         seen.clear()
-        chunked_config = dataclasses.replace(FULL, logprob_calculation_chunk_size=5)
-        chunked = forward_backward(components, batch, chunked_config)
+        chunked = forward_backward(components, batch, StepConfig(logprob_calculation_chunk_size=5))
     finally:
         handle.remove()
     assert max(seen) <= 5  # the output layer never sees more than a chunk of positions at once
@@ -144,10 +149,11 @@ def test_micro_batches_accumulate_the_same_gradient(
     prepared = prepare_batch(sort_groups(3), tiny_tokenizer, max_sequence_length=64)
     assert prepared.batch is not None and prepared.batch.tokens_BT.shape[0] >= 2
     components = build_components(tiny_model_dir, FULL, device="cpu")
-    whole = forward_backward(components, prepared.batch, FULL)
+    whole = forward_backward(components, prepared.batch)
     whole_grads = _grads(components)
     components.optimizer.zero_grad(set_to_none=True)
-    micro = forward_backward(components, prepared.batch, dataclasses.replace(FULL, micro_batch_rows=1))
+    components.config = dataclasses.replace(FULL, micro_batch_rows=1)
+    micro = forward_backward(components, prepared.batch)
     assert micro["loss/train"] == pytest.approx(whole["loss/train"], rel=1e-5)
     for name, grad in _grads(components).items():
         torch.testing.assert_close(grad, whole_grads[name], atol=1e-6, rtol=1e-4)
@@ -161,15 +167,14 @@ def test_kl_reference_is_the_base_model(
     base = compute_logprobs(components, batch)
     state = TrainingState()
     for _ in range(2):
-        forward_backward(components, batch, config)
-        state = optim_step(components, state, config)
+        forward_backward(components, batch)
+        state = optim_step(components, state, learning_rate=rate(config))
     trained = compute_logprobs(components, batch)
     reference = reference_logprobs(components, batch, chunk_size=1024)
     mask = batch.loss_mask_BT
     assert not torch.allclose(trained[mask], base[mask], atol=1e-4)
     torch.testing.assert_close(reference[mask], base[mask], atol=1e-5, rtol=0)
-    with_kl = dataclasses.replace(config, loss=LossConfig(kl_penalty_coef=0.5))
-    metrics = forward_backward(components, batch, with_kl)
+    metrics = forward_backward(components, batch, StepConfig(loss=LossConfig(kl_penalty_coef=0.5)))
     expected_kl = float((trained[mask] - base[mask]).mean())
     assert metrics["loss/kl_policy_ref"] == pytest.approx(expected_kl, rel=1e-3)
     components.optimizer.zero_grad(set_to_none=True)
@@ -189,7 +194,7 @@ def test_forward_backward_custom_backpropagates_the_given_loss(
     before = compute_logprobs(components, batch)
     metrics = forward_backward_custom(components, batch, nll)
     assert metrics["custom/seen"] == 1.0 and metrics["loss/train"] > 0 and received
-    optim_step(components, TrainingState(), LORA)
+    optim_step(components, TrainingState(), learning_rate=rate(LORA))
     after = compute_logprobs(components, batch)
     mask = batch.loss_mask_BT
     assert float(after[mask].mean()) > float(before[mask].mean())  # minimising NLL raised the logprobs
@@ -200,15 +205,15 @@ def test_checkpoint_round_trip_and_merged_weights(
     tiny_model_dir: Path, batch: TrainBatch, tmp_path: Path, config: TrainerConfig
 ) -> None:
     components = build_components(tiny_model_dir, config, device="cpu")
-    forward_backward(components, batch, config)
-    state = optim_step(components, TrainingState(), config, tokens=7)
-    assert save_checkpoint(components, state, config, tmp_path / "0001") == state
+    forward_backward(components, batch)
+    state = optim_step(components, TrainingState(), learning_rate=rate(config), tokens=7)
+    assert save_checkpoint(components, state, tmp_path / "0001") == state
     files = {path.name for path in (tmp_path / "0001").iterdir()}
     weights_file = "adapter_model.safetensors" if components.is_lora else "model.safetensors"
     assert {weights_file, "optimizer.pt", "metadata.json"} <= files
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     fresh = build_components(tiny_model_dir, config, device="cpu")
-    assert load_checkpoint(fresh, tmp_path / "0001", config) == state
+    assert load_checkpoint(fresh, tmp_path / "0001") == state
     saved, loaded = get_weights(components), get_weights(fresh)
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     _assert_same_optimizer_state(components, fresh)
@@ -240,24 +245,24 @@ def test_adamw_is_fused_on_cpu_takes_the_unfused_step_and_resumes_an_unfused_che
     assert fused.optimizer.param_groups[0]["fused"] is True
     group = plain.optimizer.param_groups[0]
     plain.optimizer = torch.optim.AdamW(  # what build_components made before AdamW was fused
-        group["params"], lr=FULL.learning_rate, betas=FULL.betas, eps=FULL.eps, weight_decay=0.0
+        group["params"], lr=1e-3, betas=FULL.betas, eps=FULL.eps, weight_decay=0.0
     )
     state = TrainingState()
     for components in (fused, plain):
         for _ in range(2):
-            forward_backward(components, batch, FULL)
-            state = optim_step(components, TrainingState(), FULL)
+            forward_backward(components, batch)
+            state = optim_step(components, TrainingState(), learning_rate=rate(FULL))
     after_fused, after_plain = get_weights(fused), get_weights(plain)
     for key in after_fused:
         torch.testing.assert_close(after_fused[key], after_plain[key], atol=1e-6, rtol=1e-5)
-    save_checkpoint(plain, state, FULL, tmp_path / "0002")
+    save_checkpoint(plain, state, tmp_path / "0002")
     resumed = build_components(tiny_model_dir, FULL, device="cpu")
-    load_checkpoint(resumed, tmp_path / "0002", FULL)
+    load_checkpoint(resumed, tmp_path / "0002")
     assert resumed.optimizer.param_groups[0]["fused"] is True  # this run's kernel, the saved moments
     _assert_same_optimizer_state(plain, resumed)
     for components in (plain, resumed):
-        forward_backward(components, batch, FULL)
-        optim_step(components, state, FULL)
+        forward_backward(components, batch)
+        optim_step(components, state, learning_rate=rate(FULL))
     after_plain, after_resumed = get_weights(plain), get_weights(resumed)
     for key in after_plain:
         torch.testing.assert_close(after_resumed[key], after_plain[key], atol=1e-6, rtol=1e-5)
@@ -267,24 +272,76 @@ def test_checkpoint_from_another_config_is_refused_unless_allowed(
     tiny_model_dir: Path, batch: TrainBatch, tmp_path: Path
 ) -> None:
     components = build_components(tiny_model_dir, LORA, device="cpu")
-    save_checkpoint(components, TrainingState(step=3), LORA, tmp_path / "0003")
+    save_checkpoint(components, TrainingState(step=3), tmp_path / "0003")
     other = dataclasses.replace(LORA, weight_decay=0.1)
     assert other.fingerprint() != LORA.fingerprint()
-    assert dataclasses.replace(LORA, learning_rate=1.0).fingerprint() == LORA.fingerprint()
     fresh = build_components(tiny_model_dir, other, device="cpu")
-    with pytest.raises(CheckpointMismatchError, match="allow_config_mismatch=True"):
-        load_checkpoint(fresh, tmp_path / "0003", other)
-    assert load_checkpoint(fresh, tmp_path / "0003", other, allow_config_mismatch=True).step == 3
+    with pytest.raises(
+        CheckpointMismatchError, match=r"weight_decay: 0\.0 → 0\.1.*allow_config_mismatch=True"
+    ):
+        load_checkpoint(fresh, tmp_path / "0003")
+    assert load_checkpoint(fresh, tmp_path / "0003", allow_config_mismatch=True).step == 3
     assert fresh.optimizer.param_groups[0]["weight_decay"] == 0.1  # this run's settings win
     import shutil
 
     moved = build_components(shutil.copytree(tiny_model_dir, tmp_path / "moved-model"), LORA, device="cpu")
     with pytest.raises(CheckpointMismatchError, match="moved-model"):
-        load_checkpoint(moved, tmp_path / "0003", LORA)
-    assert load_checkpoint(moved, tmp_path / "0003", LORA, allow_config_mismatch=True).step == 3
+        load_checkpoint(moved, tmp_path / "0003")
+    assert load_checkpoint(moved, tmp_path / "0003", allow_config_mismatch=True).step == 3
     full = build_components(tiny_model_dir, FULL, device="cpu")
     with pytest.raises(CheckpointMismatchError, match="lora"):
-        load_checkpoint(full, tmp_path / "0003", FULL, allow_config_mismatch=True)
+        load_checkpoint(full, tmp_path / "0003", allow_config_mismatch=True)
+
+
+def test_the_fingerprint_covers_every_static_field() -> None:
+    base = TrainerConfig()
+    other_values: dict[str, Any] = {
+        "betas": (0.8, 0.9),
+        "eps": 1e-6,
+        "weight_decay": 0.1,
+        "max_grad_norm": None,
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_targets": ("q_proj",),
+        "dtype": "float32",
+        "max_sequence_length": 64,
+        "micro_batch_rows": 1,
+        "seed": 1,
+        "activation_checkpointing": True,
+        "memory_check": False,
+    }
+    for field in dataclasses.fields(TrainerConfig):
+        if field.name not in other_values:
+            continue  # a field added since: covered by fingerprint_fields() being to_json() (asserted below)
+        changed = dataclasses.replace(base, **{field.name: other_values[field.name]})
+        assert changed.fingerprint() != base.fingerprint(), field.name
+    assert set(base.fingerprint_fields()) == {field.name for field in dataclasses.fields(TrainerConfig)}
+    reordered = dataclasses.replace(base, lora_targets=tuple(reversed(base.lora_targets)))
+    assert reordered.fingerprint() == base.fingerprint()  # targets are a set
+
+
+def test_a_checkpoint_written_before_the_config_split_still_resumes(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from art_local.training.state import LEGACY_FINGERPRINT_FIELDS
+
+    components = build_components(tiny_model_dir, LORA, device="cpu")
+    directory = tmp_path / "0002"
+    save_checkpoint(components, TrainingState(step=2), directory)
+    metadata = json.loads((directory / "metadata.json").read_text())
+    legacy_fields = {name: metadata["fingerprint_fields"][name] for name in LEGACY_FINGERPRINT_FIELDS}
+    config_then = {**metadata["config"], "learning_rate": 5e-6, "logprob_calculation_chunk_size": 1024}
+    del metadata["fingerprint_version"]
+    metadata.update(fingerprint="cb0cecbbce561976", fingerprint_fields=legacy_fields, config=config_then)
+    (directory / "metadata.json").write_text(json.dumps(metadata))
+    assert LORA.legacy_fingerprint() == "cb0cecbbce561976"  # what the older code wrote for these settings
+    checkpointed = dataclasses.replace(LORA, activation_checkpointing=True)  # not hashed by the older code
+    assert load_checkpoint(build_components(tiny_model_dir, checkpointed, device="cpu"), directory).step == 2
+    other = build_components(tiny_model_dir, dataclasses.replace(LORA, weight_decay=0.1), device="cpu")
+    with pytest.raises(CheckpointMismatchError, match=r"weight_decay: 0\.0 → 0\.1"):
+        load_checkpoint(other, directory)
 
 
 def test_load_weights_checks_keys(tiny_model_dir: Path) -> None:
@@ -301,14 +358,17 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="lora_rank"):
         TrainerConfig(lora_rank=0)
     with pytest.raises(ValueError, match="logprob_calculation_chunk_size"):
-        TrainerConfig(logprob_calculation_chunk_size=0)
+        StepConfig(logprob_calculation_chunk_size=0)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="learning_rate"):
+            StepConfig(learning_rate=bad)
 
 
 @pytest.mark.gpu
 def test_cuda_trains_in_bf16(tiny_model_dir: Path, batch: TrainBatch) -> None:
     components = build_components(tiny_model_dir, LORA, device="cuda")
     assert components.compute_dtype == torch.bfloat16
-    metrics = forward_backward(components, batch, LORA)
-    state = optim_step(components, TrainingState(), LORA)
+    metrics = forward_backward(components, batch)
+    state = optim_step(components, TrainingState(), learning_rate=rate(LORA))
     assert state.step == 1 and torch.isfinite(torch.tensor(metrics["loss/train"]))
     assert all(p.dtype == torch.float32 for p in components.model.parameters() if p.requires_grad)

@@ -168,7 +168,7 @@ def _train(
     from art_local.training.sft import negative_log_likelihood, sft_batch
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    trainer = TrainerConfig(lora_rank=None, learning_rate=config.learning_rate, seed=config.seed)
+    trainer = TrainerConfig(lora_rank=None, seed=config.seed)
     components = build_components(base_model, trainer, device=device)
     rng = random.Random(config.seed)
     state = TrainingState()
@@ -177,7 +177,9 @@ def _train(
     for _ in bar:
         batch = sft_batch([make_example(rng, tokenizer) for _ in range(config.batch_size)])
         metrics = forward_backward_custom(components, batch, negative_log_likelihood)
-        state = optim_step(components, state, trainer, tokens=batch.num_trained_tokens)
+        state = optim_step(
+            components, state, learning_rate=config.learning_rate, tokens=batch.num_trained_tokens
+        )
         nll = metrics["sft/nll"]
         bar.set_postfix(nll=f"{nll:.3f}", refresh=False)
     bar.close()

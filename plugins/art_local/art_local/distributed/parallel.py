@@ -1,57 +1,31 @@
 """The trainer's model under DDP or FSDP2, and full state moved between rank 0's plain copy and every rank.
 
-Every forward goes through one ``PolicyModule`` (so DDP's and FSDP's hooks run), and every rank calls it the same
-number of times in the same order. Rank 0 keeps a "host" copy with full, unsharded weights and a single-process
+``Parallel`` is this rank's ``art_local.training.world.Ranks``: every forward goes through one ``PolicyModule``
+(so DDP's and FSDP's hooks run), and every rank calls it the same number of times in the same order. Rank 0 keeps a "host" copy with full, unsharded weights and a single-process
 optimizer: under DDP it is the live model itself, under FSDP a CPU copy filled by gathering the shards. Saving,
 loading and merged weights go through the host, so checkpoints keep the single-process layout exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias, cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
 from art_local.distributed.config import Strategy
 from art_local.training.batch import TrainBatch
-from art_local.training.logprobs import causal_lm, logprobs_and_entropy
+from art_local.training.logprobs import causal_lm
 from art_local.training.state import TrainerConfig, TrainingComponents, build_components
-from art_local.training.steps import reference_logprobs, trainable_parameters
+from art_local.training.steps import trainable_parameters
+from art_local.training.world import Mode, PolicyModule
 
-Mode: TypeAlias = Literal["policy", "current", "reference"]
 _PREFIX = "model."  # PolicyModule holds the (peft) model as ``self.model``
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-class PolicyModule(torch.nn.Module):
-    """The policy as one module: ``forward(batch, mode, chunk_size)`` → (logprobs_BT, entropy_BT).
-
-    ``policy`` computes with grad; ``current`` and ``reference`` (base model: adapter disabled, or the frozen
-    copy of a full fine-tune) are for calls under ``torch.no_grad()``. ``touch_all_weights`` adds 0·Σw so that
-    every trainable weight gets a gradient on every rank (DDP needs a gradient for each weight it reduces).
-    """
-
-    def __init__(self, components: TrainingComponents, *, touch_all_weights: bool) -> None:
-        super().__init__()
-        self.model = components.model
-        self.components = components  # not a Module: a plain attribute, not registered
-        self.touch_all_weights = touch_all_weights
-
-    def forward(self, batch: TrainBatch, mode: Mode, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if mode == "reference":
-            reference_BT = reference_logprobs(self.components, batch, chunk_size=chunk_size)
-            return reference_BT, torch.zeros_like(reference_BT)
-        logprobs_BT, entropy_BT = logprobs_and_entropy(
-            self.model, batch, chunk_size=chunk_size, dtype=self.components.compute_dtype
-        )
-        if mode == "policy" and self.touch_all_weights:
-            touched = sum(parameter.sum() for parameter in trainable_parameters(self.components))
-            logprobs_BT = logprobs_BT + 0.0 * cast(torch.Tensor, touched)
-        return logprobs_BT, entropy_BT
 
 
 @dataclass
@@ -67,6 +41,35 @@ class Parallel:
     base_model: str
     config: TrainerConfig
     host: TrainingComponents | None = None
+
+    def forward(self, batch: TrainBatch, mode: Mode, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The wrapped policy's forward (DDP's and FSDP's hooks run)."""
+        return self.module(batch, mode, chunk_size)  # type: ignore[no-any-return]
+
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        """Each value summed over every rank (float64, over the gloo group)."""
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor, group=self.control)
+        return [float(value) for value in tensor.tolist()]
+
+    def gather_on_first(self, value: object) -> list[object] | None:
+        """Every rank's ``value`` on rank 0 (None elsewhere)."""
+        gathered: list[object] = [None] * self.world_size
+        dist.all_gather_object(gathered, value, group=self.control)
+        return gathered if self.rank == 0 else None
+
+    @contextlib.contextmanager
+    def gradient_sync(self, enabled: bool) -> Iterator[None]:
+        """Reduce gradients over ranks in this backward only when ``enabled`` (the last micro-batch)."""
+        if self.strategy == "ddp":
+            with contextlib.nullcontext() if enabled else self.module.no_sync():  # type: ignore[operator]
+                yield
+            return
+        self.module.set_requires_gradient_sync(enabled)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)  # type: ignore[operator]
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -141,7 +144,9 @@ def host_components(parallel: Parallel) -> TrainingComponents:
     if parallel.host is None:
         dtype = _DTYPE_NAMES[parallel.components.compute_dtype]
         config = dataclasses.replace(parallel.config, dtype=dtype)  # type: ignore[arg-type]
-        parallel.host = build_components(parallel.base_model, config, device="cpu")
+        host = build_components(parallel.base_model, config, device="cpu")
+        host.config = parallel.config  # the dtype resolved, the same settings: checkpoints record these
+        parallel.host = host
     return parallel.host
 
 

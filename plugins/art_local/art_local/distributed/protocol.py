@@ -16,7 +16,7 @@ from art_local.distributed.config import Strategy
 if TYPE_CHECKING:
     import torch
 
-    from art_local.training import TrainBatch, TrainerConfig, TrainingState
+    from art_local.training import StepConfig, TrainBatch, TrainerConfig, TrainingState
 
 
 @dataclass(frozen=True)
@@ -30,29 +30,31 @@ class SetupRequest:
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """Rank 0 loads the checkpoint ``directory``; its weights and optimizer state go to every rank."""
+    """Rank 0 loads the checkpoint ``directory`` (checked against the setup's config); its weights and optimizer
+    state go to every rank."""
 
     directory: str
-    config: TrainerConfig
     allow_config_mismatch: bool = False
 
 
 @dataclass(frozen=True)
 class TrainRequest:
-    """One optimizer step on the packed ``batch`` (None: nothing trainable, the step still advances).
+    """Every rank runs ``art_local.training.step.train_step`` on the packed ``batch`` (None: nothing trainable,
+    the step still advances) with the call's ``step`` config, at ``learning_rate``.
 
-    Rank 0 writes ``checkpoint_dir`` (atomic, single-process layout) and returns the merged weights when
-    ``return_weights``; ``plot_path`` is where rank 0 writes the batch heatmaps.
+    ``sft``: ``sft_step`` instead (the mean NLL of the trained tokens, ``train_sft``). Rank 0 writes
+    ``checkpoint_dir`` (atomic, single-process layout) and returns the merged weights when ``return_weights``;
+    ``plot_path`` is where rank 0 writes the batch heatmaps.
     """
 
     state: TrainingState
     batch: TrainBatch | None
-    config: TrainerConfig
-    precalculate_logprobs: bool = False
+    step: StepConfig
+    learning_rate: float
     plot_path: str | None = None
     checkpoint_dir: str | None = None
     return_weights: bool = False
-    sft: bool = False  # the loss is the mean NLL of the trained tokens (train_sft), not docs/rl-math.md §3
+    sft: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,10 @@ the metrics of the data. The workers hold the model and optimizer and write the 
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,9 +27,14 @@ from art_local.distributed.protocol import (
     WeightsReply,
     WeightsRequest,
 )
-from art_local.training.call import CallOptions, prepare_call
+from art_local.training.batch import TrainBatch
+from art_local.training.call import run_call
 from art_local.training.checkpoint import checkpoint_steps, remove_stale_temporaries
 from art_local.training.state import TrainerConfig, TrainingState
+from art_local.training.step_config import StepConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def start_workers(
@@ -58,7 +61,7 @@ def start_workers(
         state = TrainingState()
         if steps:
             directory = str(checkpoints_dir / f"{steps[-1]:04d}")
-            load = LoadRequest(directory, config, allow_config_mismatch=allow_config_mismatch)
+            load = LoadRequest(directory, allow_config_mismatch=allow_config_mismatch)
             state = group.call(load, LoadReply, timeout_s=timeout).state
     except BaseException:
         group.close()
@@ -82,50 +85,43 @@ class RemoteOutcome:
 
 def train_remote(
     group: WorkerGroup,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     state: TrainingState,
     groups: Sequence[TrajectoryGroup],
     config: TrainerConfig,
-    options: CallOptions,
+    step: StepConfig,
     *,
     model_dir: Path,
     checkpoint_dir: Path | None,
     return_weights: bool,
     label: str = "model",
 ) -> RemoteOutcome:
-    """``train_on_groups`` with the step itself on the workers: the same batch, options and metric keys."""
-    started = time.perf_counter()
-    prepared, config = prepare_call(groups, tokenizer, config, options)
-    prepare_s = time.perf_counter() - started
-    step = state.step + 1
-    request = TrainRequest(
-        state=state,
-        batch=prepared.batch,
-        config=config,
-        precalculate_logprobs=options.precalculate_logprobs,
-        plot_path=str(model_dir / "tensors" / f"{step:04d}.png") if options.plot_tensors else None,
-        checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
-        return_weights=return_weights,
-    )
-    from tqdm.auto import tqdm
+    """``run_call`` with the step on the workers: each rank runs the same ``train_step`` as one process."""
+    replies: list[TrainReply] = []
 
-    bar = tqdm(
-        total=0 if prepared.batch is None else 1,
-        desc=f"train {label} → step {step}",
-        unit="step",
-        leave=False,
-        disable=None,  # only on a terminal, like the single-process step: logs and CI output get no bar
+    def run(
+        before: TrainingState, batch: TrainBatch | None, learning_rate: float, plot_path: Path | None
+    ) -> tuple[TrainingState, dict[str, float]]:
+        request = TrainRequest(
+            state=before,
+            batch=batch,
+            step=step,
+            learning_rate=learning_rate,
+            plot_path=None if plot_path is None else str(plot_path),
+            checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+            return_weights=return_weights,
+        )
+        replies.append(group.call(request, TrainReply))
+        return replies[-1].state, replies[-1].metrics
+
+    outcome = run_call(
+        run,
+        tokenizer,
+        state,
+        groups,
+        step,
+        max_sequence_length=config.max_sequence_length,
+        model_dir=model_dir,
+        label=label,
     )
-    try:
-        reply = group.call(request, TrainReply)
-        bar.update(0 if prepared.batch is None else 1)
-    finally:
-        bar.close()
-    metrics = prepared.metrics() | reply.metrics | {"time/step_prepare_s": prepare_s}
-    metrics["loss/grad_norm"] = reply.state.grad_norm
-    metrics["loss/learning_rate"] = config.learning_rate
-    metrics["data/step_num_gradient_steps"] = 0.0 if prepared.batch is None else 1.0
-    if options.verbose:
-        summary = ", ".join(f"{key}={value:.4g}" for key, value in sorted(metrics.items()))
-        print(f"[art_local] {label} step {reply.state.step}: {summary}", file=sys.stderr)
-    return RemoteOutcome(state=reply.state, metrics=metrics, weights=reply.weights)
+    return RemoteOutcome(state=outcome.state, metrics=outcome.metrics, weights=replies[-1].weights)

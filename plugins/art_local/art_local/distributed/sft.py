@@ -14,14 +14,14 @@ from art_local.distributed.group import WorkerGroup
 from art_local.distributed.protocol import TrainReply, TrainRequest
 from art_local.distributed.remote import RemoteOutcome
 from art_local.training.sft import SftExample, sft_batch
-from art_local.training.state import TrainerConfig, TrainingState
+from art_local.training.state import TrainingState
+from art_local.training.step_config import StepConfig
 
 
 def train_sft_remote(
     group: WorkerGroup,
     state: TrainingState,
     examples: Sequence[SftExample],
-    config: TrainerConfig,
     options: SFTOptions,
     *,
     checkpoint_dir: Path | None,
@@ -49,7 +49,8 @@ def train_sft_remote(
             request = TrainRequest(
                 state=current,  # its step stays the call's start: each optimizer step makes it start + 1
                 batch=batch,
-                config=dataclasses.replace(config, learning_rate=options.learning_rate_at(index, len(plan))),
+                step=StepConfig(),
+                learning_rate=options.learning_rate_at(index, len(plan)),
                 checkpoint_dir=str(checkpoint_dir) if last and checkpoint_dir is not None else None,
                 return_weights=last and return_weights,
                 sft=True,

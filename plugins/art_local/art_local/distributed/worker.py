@@ -17,7 +17,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -49,7 +49,9 @@ from art_local.distributed.protocol import (
     WeightsReply,
     WeightsRequest,
 )
-from art_local.distributed.step import train_step
+
+if TYPE_CHECKING:
+    from art_local.training import TrainingState
 
 
 @dataclass(frozen=True)
@@ -136,13 +138,15 @@ def _load(me: Rank, parallel: Parallel, request: LoadRequest) -> Reply | None:
     """
     from art_local.training.checkpoint import check_compatible, load_checkpoint, read_metadata
 
+    allow = request.allow_config_mismatch
+
     directory = Path(request.directory)
     refusal: list[Any] = [None]
     if me.rank == 0:
         try:
             host = host_components(parallel)
             metadata = read_metadata(directory)
-            check_compatible(metadata, host, request.config, directory, allow=request.allow_config_mismatch)
+            check_compatible(metadata, host, directory, allow=allow)
         except Exception as error:
             refusal[0] = _error_reply(error)
     dist.broadcast_object_list(refusal, src=0, group=me.control)
@@ -150,34 +154,43 @@ def _load(me: Rank, parallel: Parallel, request: LoadRequest) -> Reply | None:
         return refusal[0]
     state = None
     if me.rank == 0:
-        state = load_checkpoint(
-            host_components(parallel),
-            directory,
-            request.config,
-            allow_config_mismatch=request.allow_config_mismatch,
-        )
+        state = load_checkpoint(host_components(parallel), directory, allow_config_mismatch=allow)
     push_from_host(parallel)
     return None if state is None else LoadReply(state=state)  # only rank 0 replies
+
+
+def _step(parallel: Parallel, request: TrainRequest) -> tuple[TrainingState, dict[str, float]]:
+    """The same step function one process runs, on this rank."""
+    from art_local.training.step import sft_step, train_step
+
+    if not request.sft:
+        plot_path = Path(request.plot_path) if request.plot_path else None
+        return train_step(
+            parallel,
+            request.state,
+            request.batch,
+            request.step,
+            learning_rate=request.learning_rate,
+            plot_path=plot_path,
+        )
+    if request.batch is None:
+        raise ValueError("an SFT step needs a batch")
+    chunk = request.step.logprob_calculation_chunk_size
+    state, loss = sft_step(
+        parallel, request.state, request.batch, learning_rate=request.learning_rate, chunk_size=chunk
+    )
+    return state, {"loss/sft": loss}
 
 
 def _train(me: Rank, parallel: Parallel, request: TrainRequest) -> TrainReply:
     from art_local.training import merged_state_dict, save_checkpoint
 
-    plot_path = Path(request.plot_path) if request.plot_path else None
-    state, metrics = train_step(
-        parallel,
-        request.state,
-        request.batch,
-        request.config,
-        precalculate_logprobs=request.precalculate_logprobs,
-        plot_path=plot_path,
-        sft=request.sft,
-    )
+    state, metrics = _step(parallel, request)
     weights = None
     if request.checkpoint_dir is not None or request.return_weights:
         host = pull_to_host(parallel)  # collective under FSDP
         if host is not None and request.checkpoint_dir is not None:
-            save_checkpoint(host, state, request.config, Path(request.checkpoint_dir))
+            save_checkpoint(host, state, Path(request.checkpoint_dir))
         if host is not None and request.return_weights:
             weights = {key: value.cpu() for key, value in merged_state_dict(host).items()}
     return TrainReply(state=state, metrics=metrics, weights=weights)

@@ -1,8 +1,11 @@
 """The functional trainer of art-local: explicit state in, state out (docs/architecture.md §6, docs/rl-math.md §3).
 
-Typical flow: ``components = build_components(base_model, config)``; ``prepared = prepare_batch(groups,
-tokenizer)``; ``forward_backward(components, prepared.batch, config)``; ``state = optim_step(components, state,
-config)``; ``state = save_checkpoint(components, state, config, directory)``.
+Two configs: ``TrainerConfig`` is static (what the components are built with and a checkpoint depends on),
+``StepConfig`` is one call's (learning rate, loss, ...). Typical flow: ``components =
+build_components(base_model, config)``; ``prepared = prepare_batch(groups, tokenizer)``; ``state, metrics =
+train_step(SingleProcess(components), state, prepared.batch, step, learning_rate=step.learning_rate)``; ``state
+= save_checkpoint(components, state, directory)``. The pieces: ``forward_backward(components, batch, step)``,
+``state = optim_step(components, state, learning_rate=...)``.
 """
 
 from art_local.training.batch import (
@@ -25,14 +28,16 @@ from art_local.training.checkpoint import (
 )
 from art_local.training.loss import LossConfig, PolicyLoss, policy_loss
 from art_local.training.state import TrainerConfig, TrainingComponents, TrainingState, build_components
+from art_local.training.step import forward_backward, sft_step, train_step
+from art_local.training.step_config import StepConfig
 from art_local.training.steps import (
     compute_logprobs,
-    forward_backward,
     forward_backward_custom,
     optim_step,
     precalculate_old_logprobs,
 )
 from art_local.training.tokenize import TokenizedHistory, tokenize_history
+from art_local.training.world import Ranks, SingleProcess
 
 __all__ = [
     "CheckpointMismatchError",
@@ -40,6 +45,9 @@ __all__ = [
     "PackSequence",
     "PolicyLoss",
     "PreparedBatch",
+    "Ranks",
+    "SingleProcess",
+    "StepConfig",
     "TokenizedHistory",
     "TrainBatch",
     "TrainerConfig",
@@ -62,5 +70,7 @@ __all__ = [
     "precalculate_old_logprobs",
     "prepare_batch",
     "save_checkpoint",
+    "sft_step",
     "tokenize_history",
+    "train_step",
 ]

@@ -20,7 +20,7 @@ import torch
 from art_core.plugin_api import atomic_replace_dir
 from art_core.plugin_api import remove_stale_temporaries as durable_remove_stale_temporaries
 from art_local.training.logprobs import causal_lm
-from art_local.training.state import TrainerConfig, TrainingComponents, TrainingState
+from art_local.training.state import FINGERPRINT_VERSION, TrainerConfig, TrainingComponents, TrainingState
 
 CHECKPOINT_FORMAT = 1
 ADAPTER_FILE, ADAPTER_CONFIG_FILE, FULL_FILE = (
@@ -136,7 +136,8 @@ def write_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
     return atomic_replace_dir(directory, write)
 
 
-def _metadata(components: TrainingComponents, state: TrainingState, config: TrainerConfig) -> dict[str, Any]:
+def _metadata(components: TrainingComponents, state: TrainingState) -> dict[str, Any]:
+    config = components.config
     return {
         "format": CHECKPOINT_FORMAT,
         "step": state.step,
@@ -146,15 +147,15 @@ def _metadata(components: TrainingComponents, state: TrainingState, config: Trai
         "kind": "lora" if components.is_lora else "full",
         "base_model": components.base_model,
         "fingerprint": config.fingerprint(),
+        "fingerprint_version": FINGERPRINT_VERSION,
         "fingerprint_fields": config.fingerprint_fields(),
         "config": config.to_json(),
     }
 
 
-def save_checkpoint(
-    components: TrainingComponents, state: TrainingState, config: TrainerConfig, directory: Path
-) -> TrainingState:
-    """Write weights, optimizer state and metadata atomically to ``directory``; returns ``state``."""
+def save_checkpoint(components: TrainingComponents, state: TrainingState, directory: Path) -> TrainingState:
+    """Write weights, optimizer state and metadata (with ``components.config``) atomically to ``directory``;
+    returns ``state``."""
     from safetensors.torch import save_file, save_model
 
     def write(staging: Path) -> None:
@@ -173,7 +174,7 @@ def save_checkpoint(
             save_model(components.model, str(staging / FULL_FILE), metadata={"format": "pt"})
         torch.save(components.optimizer.state_dict(), staging / OPTIMIZER_FILE)
         _pause_for_crash_test(staging)
-        (staging / METADATA_FILE).write_text(json.dumps(_metadata(components, state, config), indent=2))
+        (staging / METADATA_FILE).write_text(json.dumps(_metadata(components, state), indent=2))
 
     write_atomically(Path(directory), write)
     components.checkpoint_dir = Path(directory)
@@ -201,15 +202,33 @@ def remove_stale_temporaries(checkpoints_dir: Path) -> list[Path]:
     return durable_remove_stale_temporaries(checkpoints_dir)
 
 
+def fingerprint_matches(metadata: Mapping[str, Any], config: TrainerConfig) -> bool:
+    """Whether a checkpoint's fingerprint is ``config``'s; one written before ``FINGERPRINT_VERSION`` 2 holds the
+    legacy fingerprint, and is compared with that (it resumes exactly where the code that wrote it resumed)."""
+    if metadata.get("fingerprint_version") is None:
+        return metadata.get("fingerprint") == config.legacy_fingerprint()
+    return metadata.get("fingerprint") == config.fingerprint()
+
+
+def config_differences(metadata: Mapping[str, Any], config: TrainerConfig) -> str:
+    """``name: saved → now`` for each fingerprinted field the checkpoint and ``config`` disagree on."""
+    saved: Mapping[str, Any] = metadata.get("fingerprint_fields") or {}
+    now = config.fingerprint_fields()
+    names = sorted(set(saved) | set(now)) if metadata.get("fingerprint_version") else sorted(saved)
+    missing = "(not recorded)"
+    changes = [
+        f"{name}: {saved.get(name, missing)!r} → {now.get(name, missing)!r}"
+        for name in names
+        if saved.get(name, missing) != now.get(name, missing)
+    ]
+    return "; ".join(changes) or "no recorded field differs"
+
+
 def check_compatible(
-    metadata: Mapping[str, Any],
-    components: TrainingComponents,
-    config: TrainerConfig,
-    directory: Path,
-    *,
-    allow: bool,
+    metadata: Mapping[str, Any], components: TrainingComponents, directory: Path, *, allow: bool
 ) -> None:
-    """Raise unless the checkpoint fits these components and (unless ``allow``) this config's fingerprint."""
+    """Raise unless the checkpoint fits these components and (unless ``allow``) their config's fingerprint."""
+    config = components.config
     kind = "lora" if components.is_lora else "full"
     if metadata.get("kind") != kind:
         raise CheckpointMismatchError(
@@ -222,12 +241,11 @@ def check_compatible(
             f"{components.base_model!r}; pass allow_config_mismatch=True if it is the same model in another place, "
             "or use another model name"
         )
-    if metadata.get("fingerprint") != config.fingerprint() and not allow:
+    if not fingerprint_matches(metadata, config) and not allow:
         raise CheckpointMismatchError(
-            f"checkpoint {directory} was written with trainer config {metadata.get('fingerprint_fields')} "
-            f"(fingerprint {metadata.get('fingerprint')}) but this run uses {config.fingerprint_fields()} "
-            f"(fingerprint {config.fingerprint()}); pass allow_config_mismatch=True to resume anyway, "
-            "or use another model name"
+            f"checkpoint {directory} was written with another TrainerConfig ({config_differences(metadata, config)}; "
+            f"fingerprint {metadata.get('fingerprint')}, this run's {config.fingerprint()}); use the same "
+            "TrainerConfig, pass allow_config_mismatch=True to resume anyway, or use another model name"
         )
 
 
@@ -249,18 +267,17 @@ def with_kernel_flags(state: dict[str, Any], optimizer: torch.optim.Optimizer) -
 
 
 def load_checkpoint(
-    components: TrainingComponents,
-    directory: Path,
-    config: TrainerConfig,
-    *,
-    allow_config_mismatch: bool = False,
+    components: TrainingComponents, directory: Path, *, allow_config_mismatch: bool = False
 ) -> TrainingState:
-    """Load weights and optimizer state from ``directory``; returns the state it was saved with."""
+    """Load weights and optimizer state from ``directory``; returns the state it was saved with.
+
+    The components' ``TrainerConfig`` must have the checkpoint's fingerprint unless ``allow_config_mismatch``;
+    its AdamW settings win over the saved ones either way."""
     from safetensors.torch import load_file, load_model
 
     directory = Path(directory)
     metadata = read_metadata(directory)
-    check_compatible(metadata, components, config, directory, allow=allow_config_mismatch)
+    check_compatible(metadata, components, directory, allow=allow_config_mismatch)
     try:
         if components.is_lora:
             load_weights(components, load_file(str(directory / ADAPTER_FILE), device=str(components.device)))
@@ -274,6 +291,7 @@ def load_checkpoint(
         components.optimizer.load_state_dict(with_kernel_flags(optimizer_state, components.optimizer))
     except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointMismatchError(f"checkpoint {directory} does not fit this model: {error}") from error
+    config = components.config
     for group in components.optimizer.param_groups:  # this run's optimizer settings win over the saved ones
         group.update(betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
     components.checkpoint_dir = directory

@@ -85,8 +85,10 @@ def save_random_model(directory: Path, **config: Any) -> Path:
 
 
 def measure(request: dict[str, Any]) -> dict[str, Any]:
-    """Load ``request["model_dir"]`` with ``request["trainer_config"]`` and run one step; the RSS figures."""
+    """Load ``request["model_dir"]`` with ``request["trainer_config"]`` and run one step with ``request["step"]``
+    (``StepConfig`` fields); the RSS figures."""
     from art_local.training import (
+        StepConfig,
         TrainerConfig,
         TrainingState,
         build_components,
@@ -97,6 +99,7 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(request.get("threads", 2)))
     before_load = resident_bytes()
     config = TrainerConfig(**request.get("trainer_config", {}))
+    step = StepConfig(**request.get("step", {}))
     components = build_components(request["model_dir"], config, device="cpu")
     vocab_size = int(causal_lm(components.model).config.vocab_size)  # type: ignore[union-attr, arg-type]
     batch = synthetic_batch(int(request["rows"]), int(request["sequence_length"]), vocab_size)
@@ -107,9 +110,9 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
     release_free_heap()
     loaded = resident_bytes()
     was_reset = reset_peak()
-    metrics = forward_backward(components, batch, config)
+    metrics = forward_backward(components, batch, step)
     if request.get("optimizer_step", True):
-        optim_step(components, TrainingState(), config)
+        optim_step(components, TrainingState(), learning_rate=step.learning_rate)
     peak = peak_bytes()
     return {
         "before_load_bytes": before_load,

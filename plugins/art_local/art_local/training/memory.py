@@ -24,6 +24,7 @@ from art_local.training.state import (
     resolve_dtype,
     uses_activation_checkpointing,
 )
+from art_local.training.step_config import StepConfig
 
 GIB = 1024**3
 # Bytes per token and layer of saved activations, in units of the compute dtype: SAVED_PER_HIDDEN × hidden +
@@ -119,9 +120,12 @@ def plan_memory(
     sequence_length: int,
     batch_rows: int,
     trainer_config: TrainerConfig,
+    step: StepConfig | None = None,
     device: str | torch.device | None = None,
 ) -> MemoryPlan:
-    """Estimate the peak memory of one training step of ``batch_rows`` rows × ``sequence_length`` tokens."""
+    """Estimate the peak memory of one training step of ``batch_rows`` rows × ``sequence_length`` tokens
+    (``step``: the call's options, ``train()``'s defaults when None)."""
+    step = StepConfig() if step is None else step
     if sequence_length < 1 or batch_rows < 1:
         raise ValueError(f"sequence_length={sequence_length} and batch_rows={batch_rows} must both be ≥ 1")
     model_config = _model_config(model_config_or_path)
@@ -133,7 +137,7 @@ def plan_memory(
     weights = total * 4 if full else total * compute_bytes + trainable * 4
     if full and compute_bytes < 4:
         weights += total * compute_bytes  # autocast's low-precision copy of each weight
-    reference = total * compute_bytes if full and trainer_config.loss.kl_penalty_coef > 0 else 0
+    reference = total * compute_bytes if full and step.loss.kl_penalty_coef > 0 else 0
     return MemoryPlan(
         device=str(target),
         parameters=total,
@@ -146,7 +150,7 @@ def plan_memory(
         activations_bytes=activation_bytes(
             model_config, sequence_length, batch_rows, compute_bytes, checkpointing
         ),
-        logits_bytes=min(trainer_config.logprob_calculation_chunk_size, sequence_length * batch_rows)
+        logits_bytes=min(step.logprob_calculation_chunk_size, sequence_length * batch_rows)
         * int(model_config.vocab_size)
         * 4
         * LOGIT_COPIES,
@@ -180,29 +184,41 @@ def available_memory(device: str | torch.device | None = None) -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable line; pass TrainerConfig(memory_check=False)")
 
 
-def _alternatives(config: TrainerConfig, batch_rows: int) -> list[tuple[str, TrainerConfig, int]]:
-    """(label, config, batch rows) of single changes that lower memory, then all of them together."""
-    changes: list[tuple[str, dict[str, Any], int]] = []
+Alternative = tuple[str, TrainerConfig, StepConfig, int]  # (label, configs, batch rows) of one way to fit
+
+
+def _alternatives(config: TrainerConfig, step: StepConfig, batch_rows: int) -> list[Alternative]:
+    """Single changes that lower memory, then all of them together (each label names where it is set)."""
+    changes: list[tuple[str, dict[str, Any], dict[str, Any], int]] = []
     if config.activation_checkpointing is not True:
-        changes.append(("activation_checkpointing=True", {"activation_checkpointing": True}, batch_rows))
-    if config.full_fine_tune:
-        changes.append(("lora_rank=8", {"lora_rank": 8}, batch_rows))
-    if config.dtype in ("auto", "float32"):
-        changes.append(("dtype='bfloat16'", {"dtype": "bfloat16"}, batch_rows))
-    if config.logprob_calculation_chunk_size > 256:
         changes.append(
-            ("logprob_calculation_chunk_size=256", {"logprob_calculation_chunk_size": 256}, batch_rows)
+            (
+                "TrainerConfig(activation_checkpointing=True)",
+                {"activation_checkpointing": True},
+                {},
+                batch_rows,
+            )
         )
+    if config.full_fine_tune:
+        changes.append(("TrainerConfig(lora_rank=8)", {"lora_rank": 8}, {}, batch_rows))
+    if config.dtype in ("auto", "float32"):
+        changes.append(("TrainerConfig(dtype='bfloat16')", {"dtype": "bfloat16"}, {}, batch_rows))
+    if step.logprob_calculation_chunk_size > 256:
+        chunk = {"logprob_calculation_chunk_size": 256}
+        changes.append(("train(logprob_calculation_chunk_size=256)", {}, chunk, batch_rows))
     if batch_rows > 1:
-        changes.append(("micro_batch_rows=1", {"micro_batch_rows": 1}, 1))
-    result = [(label, dataclasses.replace(config, **fields), rows) for label, fields, rows in changes]
+        changes.append(("TrainerConfig(micro_batch_rows=1)", {"micro_batch_rows": 1}, {}, 1))
     if len(changes) > 1:
-        combined: dict[str, Any] = {}
-        for _, fields, _ in changes:
-            combined |= fields
-        label = ", ".join(label for label, _, _ in changes)
-        result.append((label, dataclasses.replace(config, **combined), 1))
-    return result
+        trainer_all: dict[str, Any] = {}
+        step_all: dict[str, Any] = {}
+        for _, trainer, per_call, _ in changes:
+            trainer_all |= trainer
+            step_all |= per_call
+        changes.append((" + ".join(label for label, _, _, _ in changes), trainer_all, step_all, 1))
+    return [
+        (label, dataclasses.replace(config, **trainer), dataclasses.replace(step, **per_call), rows)
+        for label, trainer, per_call, rows in changes
+    ]
 
 
 def check_memory_fits(
@@ -213,6 +229,7 @@ def check_memory_fits(
     sequence_length: int | None = None,
     batch_rows: int | None = None,
     available_bytes: int | None = None,
+    step: StepConfig | None = None,
 ) -> MemoryPlan | None:
     """The plan for ``max_sequence_length`` × ``micro_batch_rows`` (1 when unset); refuses what cannot fit.
 
@@ -220,6 +237,7 @@ def check_memory_fits(
     """
     length = sequence_length or trainer_config.max_sequence_length
     rows = batch_rows or trainer_config.micro_batch_rows or 1
+    step = StepConfig() if step is None else step
     try:
         model_config = _model_config(model_config_or_path)
         plan = plan_memory(
@@ -227,6 +245,7 @@ def check_memory_fits(
             sequence_length=length,
             batch_rows=rows,
             trainer_config=trainer_config,
+            step=step,
             device=device,
         )
     except Exception as error:  # an estimate that cannot be made must not block training
@@ -241,20 +260,21 @@ def check_memory_fits(
     if plan.total_bytes <= free:
         return plan
     fitting = []
-    for label, config, alternative_rows in _alternatives(trainer_config, rows):
+    for label, config, other_step, alternative_rows in _alternatives(trainer_config, step, rows):
         other = plan_memory(
             model_config,
             sequence_length=length,
             batch_rows=alternative_rows,
             trainer_config=config,
+            step=other_step,
             device=device,
         )
         if other.total_bytes <= free:
-            fitting.append(f"TrainerConfig({label}) → {gib(other.total_bytes)}")
+            fitting.append(f"{label} → {gib(other.total_bytes)}")
     advice = (
         "options that would fit: " + "; ".join(fitting)
         if fitting
-        else "no TrainerConfig option fits; use a smaller model, a shorter max_sequence_length or a larger device"
+        else "no TrainerConfig or train() option fits; use a smaller model, a shorter max_sequence_length or a larger device"
     )
     raise MemoryPlanError(
         f"training {plan.parameters / 1e9:.2f}B parameters ({plan.trainable_parameters / 1e6:.1f}M trainable) on "

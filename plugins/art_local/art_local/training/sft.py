@@ -19,9 +19,10 @@ import torch
 from art_core.sft import SFTOptions, sft_result_metrics
 from art_local.training.batch import PackSequence, TrainBatch, pack_sequences
 from art_local.training.logprobs import logprobs_and_entropy
-from art_local.training.state import TrainerConfig, TrainingComponents, TrainingState
-from art_local.training.steps import optim_step
+from art_local.training.state import TrainingComponents, TrainingState
+from art_local.training.step import sft_step
 from art_local.training.tokenize import tokenize_history
+from art_local.training.world import SingleProcess
 
 SftExample = tuple[tuple[int, ...], tuple[bool, ...]]  # token ids, and which of them the loss trains
 PACK_CAPACITY = 128  # tokens per packed row at least
@@ -75,39 +76,32 @@ def negative_log_likelihood(
     return loss, {"sft/nll": float(loss.detach())}
 
 
-def batch_nll(
-    components: TrainingComponents, batch: TrainBatch, config: TrainerConfig, *, backward: bool
-) -> float:
-    """Mean NLL of ``batch``'s trained tokens, in micro-batches of ``config.micro_batch_rows`` rows sharing one
-    denominator; with ``backward`` the gradients accumulate into the trainable weights."""
+def batch_nll(components: TrainingComponents, batch: TrainBatch, *, chunk_size: int = 1024) -> float:
+    """Mean NLL of ``batch``'s trained tokens under the current weights, without grad, in micro-batches of
+    ``TrainerConfig.micro_batch_rows`` rows sharing one denominator (training runs ``sft_step``)."""
     batch = batch.to(components.device)
     total_tokens = max(batch.num_trained_tokens, 1)
     rows = batch.tokens_BT.shape[0]
-    size = rows if config.micro_batch_rows is None else config.micro_batch_rows
+    micro_batch_rows = components.config.micro_batch_rows
+    size = rows if micro_batch_rows is None else micro_batch_rows
     loss_sum = 0.0
     for start in range(0, rows, size):
         micro = batch.rows(start, start + size)
         if micro.num_trained_tokens == 0:
             continue
-        with torch.set_grad_enabled(backward):
+        with torch.no_grad():
             logprobs_BT, _ = logprobs_and_entropy(
-                components.model,
-                micro,
-                chunk_size=config.logprob_calculation_chunk_size,
-                dtype=components.compute_dtype,
+                components.model, micro, chunk_size=chunk_size, dtype=components.compute_dtype
             )
             mask_BT = micro.loss_mask_BT
             loss = -torch.where(mask_BT, logprobs_BT, torch.zeros_like(logprobs_BT)).sum() / total_tokens
-        if backward:
-            loss.backward()
-        loss_sum += float(loss.detach())
+        loss_sum += float(loss)
     return loss_sum
 
 
 def evaluate_sft_loss(
     components: TrainingComponents,
     examples: Sequence[SftExample],
-    config: TrainerConfig,
     *,
     batch_size: int = 8,
 ) -> float:
@@ -116,7 +110,7 @@ def evaluate_sft_loss(
     for start in range(0, len(examples), batch_size):
         batch = sft_batch(examples[start : start + batch_size])
         count = batch.num_trained_tokens
-        weighted += batch_nll(components, batch, config, backward=False) * count
+        weighted += batch_nll(components, batch) * count
         tokens += count
     return weighted / max(tokens, 1)
 
@@ -133,7 +127,6 @@ def train_sft_examples(
     components: TrainingComponents,
     state: TrainingState,
     examples: Sequence[SftExample],
-    config: TrainerConfig,
     options: SFTOptions,
     *,
     label: str = "model",
@@ -152,19 +145,16 @@ def train_sft_examples(
     )
     losses: list[tuple[float, int]] = []
     after = state
+    ranks = SingleProcess(components)
     try:
         for index, indices in enumerate(plan):
             batch = sft_batch([examples[i] for i in indices])
-            loss = batch_nll(components, batch, config, backward=True)
-            step_config = dataclasses.replace(
-                config, learning_rate=options.learning_rate_at(index, len(plan))
-            )
-            after = optim_step(components, after, step_config, tokens=batch.num_trained_tokens)
+            rate = options.learning_rate_at(index, len(plan))
+            after, loss = sft_step(ranks, after, batch, learning_rate=rate)
             losses.append((loss, batch.num_trained_tokens))
             bar.update(len(indices))
             bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
     finally:
-        components.optimizer.zero_grad(set_to_none=True)
         bar.close()
     after = dataclasses.replace(after, step=state.step + 1)
     metrics = sft_result_metrics(losses, len(examples), options.learning_rate)

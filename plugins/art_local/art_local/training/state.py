@@ -8,15 +8,14 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 import torch
 
-from art_core.plugin_api import ADAMW, check_number
+from art_core.plugin_api import ADAMW
 from art_local.cpu_features import auto_dtype
-from art_local.training.loss import LossConfig
 
 DTypeName: TypeAlias = Literal["auto", "float32", "bfloat16", "float16"]
 Checkpointing: TypeAlias = bool | Literal["auto"]
@@ -29,9 +28,9 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# Fields that change what a checkpoint means; the rest (learning rate, loss options, chunking, device, dtype)
-# may differ from call to call or between machines without invalidating a resume.
-_FINGERPRINT_FIELDS = (
+# The fields checkpoints written before the static/per-call split hashed (their metadata has no
+# "fingerprint_version"): such a checkpoint resumes exactly when it did under the code that wrote it.
+LEGACY_FINGERPRINT_FIELDS = (
     "betas",
     "eps",
     "weight_decay",
@@ -40,21 +39,22 @@ _FINGERPRINT_FIELDS = (
     "lora_alpha",
     "lora_targets",
 )
+FINGERPRINT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    """Trainer hyper-parameters. ``lora_rank=None`` means full fine-tuning.
+    """The static trainer settings: fixed for a model's whole run, and what its checkpoints were written with.
 
-    ``activation_checkpointing`` recomputes each decoder layer in the backward pass instead of keeping its
-    activations (``"auto"``: on for CUDA and models of 1B parameters or more); ``memory_check=False`` skips
-    ``LocalBackend.register``'s refusal when ``plan_memory`` says the device cannot hold training.
+    ``lora_rank=None`` means full fine-tuning. ``activation_checkpointing`` recomputes each decoder layer in the
+    backward pass instead of keeping its activations (``"auto"``: on for CUDA and models of 1B parameters or
+    more); ``memory_check=False`` skips ``LocalBackend.register``'s refusal when ``plan_memory`` says the device
+    cannot hold training.
 
-    ``learning_rate`` and ``loss`` are per optimizer step (``LocalBackend.train`` sets them per call);
-    ``fingerprint()`` covers only what makes a checkpoint incompatible with another run.
+    What changes from call to call (learning rate, loss options, chunking, ...) is a ``StepConfig``, never here;
+    so ``fingerprint()`` hashes every field, and a resume with any other value is refused unless allowed.
     """
 
-    learning_rate: float = 5e-6
     betas: tuple[float, float] = ADAMW.betas
     eps: float = ADAMW.eps
     weight_decay: float = ADAMW.weight_decay
@@ -63,11 +63,9 @@ class TrainerConfig:
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     dtype: DTypeName = "auto"
-    logprob_calculation_chunk_size: int = 1024
     max_sequence_length: int = 2048
     micro_batch_rows: int | None = None
     seed: int = 0
-    loss: LossConfig = field(default_factory=LossConfig)
     activation_checkpointing: Checkpointing = "auto"
     memory_check: bool = True
 
@@ -76,17 +74,12 @@ class TrainerConfig:
             raise ValueError(
                 f"lora_rank={self.lora_rank} must be a positive int, or None for full fine-tuning"
             )
-        if self.logprob_calculation_chunk_size <= 0:
-            raise ValueError(
-                f"logprob_calculation_chunk_size={self.logprob_calculation_chunk_size} must be > 0"
-            )
         if self.max_sequence_length < 2:
             raise ValueError(f"max_sequence_length={self.max_sequence_length} must be at least 2")
         if self.micro_batch_rows is not None and self.micro_batch_rows <= 0:
             raise ValueError(
                 f"micro_batch_rows={self.micro_batch_rows} must be positive or None (all rows at once)"
             )
-        check_number("learning_rate", self.learning_rate, above=0.0, fix="pass e.g. learning_rate=5e-6")
         if self.activation_checkpointing not in (True, False, "auto"):
             raise ValueError(
                 f"activation_checkpointing={self.activation_checkpointing!r} must be True, False or 'auto'"
@@ -98,21 +91,30 @@ class TrainerConfig:
         return self.lora_rank is None
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """The canonical values the fingerprint hashes."""
-        values = {name: getattr(self, name) for name in _FINGERPRINT_FIELDS}
-        values["betas"], values["lora_targets"] = list(self.betas), sorted(self.lora_targets)
+        """Every field, canonical: LoRA targets as a set (sorted), and no LoRA shape for a full fine-tune."""
+        values = self.to_json()
+        values["lora_targets"] = sorted(self.lora_targets)
         if self.lora_rank is None:
             values.update(lora_alpha=None, lora_targets=None)
         return values
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of ``fingerprint_fields()`` (stable across processes)."""
-        canonical = json.dumps(self.fingerprint_fields(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return _digest(self.fingerprint_fields())
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint checkpoints written before ``FINGERPRINT_VERSION`` 2 hold (``LEGACY_FINGERPRINT_FIELDS``)."""
+        values = self.fingerprint_fields()
+        return _digest({name: values[name] for name in LEGACY_FINGERPRINT_FIELDS})
 
     def to_json(self) -> dict[str, Any]:
         """Every field as JSON-ready values (stored in checkpoint metadata)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))  # type: ignore[no-any-return]
+
+
+def _digest(values: dict[str, Any]) -> str:
+    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -130,8 +132,9 @@ class TrainingState:
 
 @dataclass
 class TrainingComponents:
-    """The only mutable bundle: model (peft-wrapped for LoRA), optimizer and what they live on."""
+    """The only mutable bundle: model (peft-wrapped for LoRA), optimizer, what they live on and were built with."""
 
+    config: TrainerConfig
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
@@ -250,6 +253,7 @@ def build_components(
     model.train()
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     return TrainingComponents(
+        config=config,
         model=model,
         optimizer=make_optimizer(trainable, config, target_device),
         device=target_device,
@@ -265,13 +269,14 @@ def make_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over ``parameters``, with torch's fused kernel where the device has one.
 
+    Its ``lr`` is 0 until a step: no static learning rate exists, ``optim_step`` sets each step's own.
     Fused is one kernel over every tensor instead of a Python loop of per-tensor ops: measured on 18M fp32
     parameters on 2 CPU cores, 0.02 s per step instead of 0.07 s (numerically the same update up to rounding).
     """
     fused = device.type in FUSED_ADAMW_DEVICES and all(p.dtype.is_floating_point for p in parameters)
     return torch.optim.AdamW(
         parameters,
-        lr=config.learning_rate,
+        lr=0.0,
         betas=config.betas,
         eps=config.eps,
         weight_decay=config.weight_decay,

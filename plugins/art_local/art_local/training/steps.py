@@ -1,23 +1,19 @@
-"""Training steps as free functions: state in, state out; the components are the only thing that changes."""
+"""The pieces of a training step as free functions: state in, state out; the components are the only thing
+that changes. The step itself, for one process or many, is ``art_local.training.step``."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from art_local.training.batch import TrainBatch
 from art_local.training.logprobs import logprobs_and_entropy, predicted_positions_BT
 from art_local.training.loss import LossConfig, policy_loss
-from art_local.training.state import (
-    TrainerConfig,
-    TrainingComponents,
-    TrainingState,
-    attention_implementation,
-)
+from art_local.training.state import TrainingComponents, TrainingState, attention_implementation
 
 CustomLossFn = Callable[[torch.Tensor, TrainBatch], tuple[torch.Tensor, dict[str, float]]]
 LogprobsFn = Callable[[TrainBatch], tuple[torch.Tensor, torch.Tensor]]
@@ -80,24 +76,19 @@ def compute_logprobs(
 
 
 def precalculate_old_logprobs(
-    components: TrainingComponents, batch: TrainBatch, config: TrainerConfig
+    components: TrainingComponents, batch: TrainBatch, *, chunk_size: int = 1024
 ) -> TrainBatch:
     """``old`` := the current policy's logprobs; the sampler's values move to ``original_logprobs_BT``."""
-    current_BT = compute_logprobs(components, batch, chunk_size=config.logprob_calculation_chunk_size).cpu()
+    current_BT = compute_logprobs(components, batch, chunk_size=chunk_size).cpu()
     return replace(batch, old_logprobs_BT=current_BT, original_logprobs_BT=batch.old_logprobs_BT)
-
-
-def _micro_batches(batch: TrainBatch, rows: int | None) -> list[TrainBatch]:
-    total = batch.tokens_BT.shape[0]
-    size = total if rows is None else rows
-    return [batch.rows(start, start + size) for start in range(0, total, size)]
 
 
 def micro_batch_loss(
     components: TrainingComponents,
     micro: TrainBatch,
-    config: TrainerConfig,
+    loss_config: LossConfig,
     *,
+    chunk_size: int,
     total_tokens: int,
     logprobs_fn: LogprobsFn | None = None,
     reference_BT: torch.Tensor | None = None,
@@ -108,8 +99,7 @@ def micro_batch_loss(
     The caller runs ``backward``. ``logprobs_fn(micro)`` replaces the model's forward (data-parallel callers pass
     their DDP/FSDP-wrapped module); ``reference_BT`` and ``kl_mean`` replace the KL reference logprobs and mean.
     """
-    loss_config: LossConfig = config.loss
-    chunk = config.logprob_calculation_chunk_size
+    chunk = chunk_size
     if loss_config.kl_penalty_coef > 0 and reference_BT is None:
         reference_BT = reference_logprobs(components, micro, chunk_size=chunk)
     if logprobs_fn is None:
@@ -141,28 +131,6 @@ def micro_batch_loss(
     return result.loss, shares
 
 
-def forward_backward(
-    components: TrainingComponents, batch: TrainBatch, config: TrainerConfig
-) -> dict[str, float]:
-    """The RL loss of docs/rl-math.md §3 on ``batch``; gradients accumulate into the trainable weights.
-
-    Returns ``loss/train``, ``loss/entropy`` (mean over trained tokens) and, with a KL penalty,
-    ``loss/kl_policy_ref``. Micro-batches (``config.micro_batch_rows``) share one denominator.
-    """
-    total_tokens = batch.num_trained_tokens
-    totals = {"loss/train": 0.0, "loss/entropy": 0.0, "loss/kl_policy_ref": 0.0}
-    for micro in _micro_batches(batch.to(components.device), config.micro_batch_rows):
-        if micro.num_trained_tokens == 0:
-            continue
-        loss, shares = micro_batch_loss(components, micro, config, total_tokens=total_tokens)
-        loss.backward()
-        for key, value in shares.items():
-            totals[key] += value
-    if config.loss.kl_penalty_coef == 0:
-        del totals["loss/kl_policy_ref"]
-    return totals
-
-
 def forward_backward_custom(
     components: TrainingComponents, batch: TrainBatch, loss_fn: CustomLossFn, *, chunk_size: int = 1024
 ) -> dict[str, float]:
@@ -179,11 +147,18 @@ def forward_backward_custom(
 
 
 def optim_step(
-    components: TrainingComponents, state: TrainingState, config: TrainerConfig, *, tokens: int = 0
+    components: TrainingComponents,
+    state: TrainingState,
+    *,
+    learning_rate: float,
+    tokens: int = 0,
+    max_grad_norm: float | None | Literal["config"] = "config",
 ) -> TrainingState:
-    """Clip gradients to ``config.max_grad_norm``, take one AdamW step at ``config.learning_rate``, zero grads."""
+    """Clip gradients (to ``TrainerConfig.max_grad_norm`` unless given; None: no clipping), take one AdamW step
+    at ``learning_rate``, zero grads."""
     parameters = trainable_parameters(components)
-    max_norm = math.inf if config.max_grad_norm is None else config.max_grad_norm
+    clip = components.config.max_grad_norm if max_grad_norm == "config" else max_grad_norm
+    max_norm = math.inf if clip is None else clip
     grads = [parameter for parameter in parameters if parameter.grad is not None]
     norm = float(torch.nn.utils.clip_grad_norm_(grads, max_norm)) if grads else 0.0
     if not math.isfinite(norm):
@@ -192,7 +167,7 @@ def optim_step(
             f"gradient norm is {norm}; the step was skipped (check rewards and learning rate)"
         )
     for group in components.optimizer.param_groups:
-        group["lr"] = config.learning_rate
+        group["lr"] = learning_rate
     components.optimizer.step()
     components.optimizer.zero_grad(set_to_none=True)
     return TrainingState(

@@ -8,7 +8,6 @@ layout every Tinker RL and SFT recipe uses). Other targets (distillation onto ar
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -158,32 +157,30 @@ class LocalEngine:
         from art_local import training
 
         assert isinstance(handle, LocalHandle)
-        config = dataclasses.replace(
-            handle.config,
-            learning_rate=adam.learning_rate,
-            max_grad_norm=adam.grad_clip_norm if adam.grad_clip_norm > 0 else None,
-        )
         for (
             group
         ) in handle.components.optimizer.param_groups:  # Tinker sends AdamW's settings with every step
             group.update(betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay)
-        handle.state = training.optim_step(handle.components, handle.state, config)
+        handle.state = training.optim_step(
+            handle.components,
+            handle.state,
+            learning_rate=adam.learning_rate,
+            max_grad_norm=adam.grad_clip_norm if adam.grad_clip_norm > 0 else None,
+        )
         return {"grad_norm:mean": handle.state.grad_norm, "learning_rate:mean": adam.learning_rate}
 
     def save(self, handle: TrainerHandle, directory: Path) -> None:
         from art_local import training
 
         assert isinstance(handle, LocalHandle)
-        handle.state = training.save_checkpoint(handle.components, handle.state, handle.config, directory)
+        handle.state = training.save_checkpoint(handle.components, handle.state, directory)
 
     def load(self, handle: TrainerHandle, directory: Path, *, optimizer: bool) -> None:
         from art_local import training
 
         assert isinstance(handle, LocalHandle)
         if optimizer:
-            handle.state = training.load_checkpoint(
-                handle.components, directory, handle.config, allow_config_mismatch=True
-            )
+            handle.state = training.load_checkpoint(handle.components, directory, allow_config_mismatch=True)
             return
         from safetensors.torch import load_file
 
