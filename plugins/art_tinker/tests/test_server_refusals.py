@@ -52,6 +52,21 @@ def test_a_token_outside_the_vocabulary_names_the_field_and_the_vocab_size(
     assert f"[0, {VOCAB_SIZE})" in message, message
 
 
+@pytest.mark.parametrize("token", [10**6, -5])
+def test_a_sampling_prompt_outside_the_vocabulary_is_a_400_naming_the_position(
+    service: tinker.ServiceClient, tiny_model: str, token: int
+) -> None:
+    sampler = service.create_sampling_client(base_model=tiny_model).result(timeout=120)
+    with pytest.raises(tinker.BadRequestError) as error:
+        sampler.sample(
+            prompt=types.ModelInput.from_ints([3, token, 5]),
+            num_samples=1,
+            sampling_params=types.SamplingParams(max_tokens=2),
+        ).result(timeout=60)
+    message = str(error.value)
+    assert f"prompt[1] is token id {token}" in message and f"[0, {VOCAB_SIZE})" in message, message
+
+
 def test_a_target_outside_the_vocabulary_is_refused(client: tinker.TrainingClient) -> None:
     bad = _datum([3, 4, 5], target_tokens=[4, 5, 10**6])
     with pytest.raises(tinker.BadRequestError, match=r"target_tokens'\]\[2\] is token id 1000000"):

@@ -73,6 +73,16 @@ def check_data(data: Sequence[DatumArrays], limits: ModelLimits) -> None:
                 )
 
 
+def check_prompt(prompt: Sequence[int], limits: ModelLimits) -> None:
+    """A sampling prompt fits the model: ids in its vocabulary, length within its context."""
+    if len(prompt) >= limits.context_length:
+        raise UserError(
+            f"the prompt has {len(prompt)} tokens, which leaves no room in this model's context of "
+            f"{limits.context_length} tokens; shorten it"
+        )
+    _check_ids(np.asarray(prompt, dtype=np.int64), "prompt", limits.vocab_size)
+
+
 def check_optimizer(config: types.OptimizerConfig | None) -> None:
     """Only AdamW (the SDK's default) is implemented."""
     if config is not None and getattr(config, "type", "adamw") != "adamw":

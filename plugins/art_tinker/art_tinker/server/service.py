@@ -26,7 +26,14 @@ from typing import Any, TypeVar
 
 from tinker import types
 
-from art_tinker.server.checks import check_data, check_optimizer, check_sample_request, lora_spec, sample_spec
+from art_tinker.server.checks import (
+    check_data,
+    check_optimizer,
+    check_prompt,
+    check_sample_request,
+    lora_spec,
+    sample_spec,
+)
 from art_tinker.server.engine import AdamSpec, Engine, TrainerHandle
 from art_tinker.server.errors import Gone, NotFound, UserError
 from art_tinker.server.futures import Failure, FutureTable, JsonResult, Outcome, ProtoResult, SeqGate
@@ -399,6 +406,7 @@ class TinkerService:
             prompt = request.prompt.to_ints()
         except ValueError as error:
             raise UserError(f"prompt: {error}") from None
+        check_prompt(prompt, self.engine.limits(sampler.base_model))  # a 400 now, not a failed future later
         spec = sample_spec(request.sampling_params, self.engine.eos_token_ids(sampler.base_model))
         want_prompt_logprobs = bool(request.prompt_logprobs)
         last_n = request.prompt_logprobs_last_n
