@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.art-installed
 PACKAGES := -e ".[dev,wandb,plot]" \
-	-e "plugins/art_local[dev]" \
+	-e "plugins/art_local[dev,quantization]" \
 	-e "plugins/art_serverless[dev,server]" \
 	-e "plugins/art_tinker[dev,server]" \
 	-e "examples/third_party_backend[dev]"

@@ -105,9 +105,10 @@ class LocalBackend:
     Per-backend trainer settings live in ``trainer_config`` (``TrainerConfig``: ``lora_rank`` — None for a
     full fine-tune —, ``lora_alpha``, ``lora_targets``, AdamW ``betas``/``eps``/``weight_decay``,
     ``max_grad_norm``, ``dtype``, ``max_sequence_length``, ``micro_batch_rows``, ``seed``,
-    ``activation_checkpointing``, ``memory_check``). Per-call options go to ``train()``. ``register`` refuses
-    (``MemoryPlanError``, with the options that would fit) a model whose step ``plan_memory`` says the device
-    cannot hold. ``allow_config_mismatch=True`` resumes from a checkpoint written with other settings.
+    ``activation_checkpointing``, ``memory_check``, ``quantization`` — a NF4/int8 LoRA base, served dequantized
+    so sampler and trainer agree). Per-call options go to ``train()``. ``register`` refuses (``MemoryPlanError``,
+    with the options that would fit) a model whose step ``plan_memory`` says the device cannot hold.
+    ``allow_config_mismatch=True`` resumes from a checkpoint written with other settings.
     ``engine``/``host``/``port``/``api_key`` configure the inference server: ``engine="auto"`` serves with
     vLLM on a CUDA machine whose vLLM interpreter finds vllm, else with transformers; ``vllm`` (a
     ``VLLMEngineConfig``) says how vLLM runs (interpreter, memory fraction, lengths, parallelism, LoRA limits,
@@ -144,6 +145,12 @@ class LocalBackend:
             from art_local.distributed import resolve_train_devices
 
             self._distributed = resolve_train_devices(train_devices)
+            if self._config.quantization != "none" and self._distributed.strategy == "fsdp":
+                raise ValueError(
+                    f"TrainerConfig(quantization={self._config.quantization!r}) trains under "
+                    "DistributedConfig(strategy='ddp') only: FSDP cannot shard bitsandbytes' packed weights; "
+                    "use strategy='ddp' or quantization='none'"
+                )
         if self._config.lora_rank is None:
             if engine == "vllm":
                 raise ValueError(
@@ -258,11 +265,13 @@ class LocalBackend:
             from art_local.training import merged_state_dict
 
             weights = None
-            if slot.state.step > 0 and slot.workers is not None:
+            # a quantized base is served as trained (dequantized) from step 0 on, not as the checkpoint on disk
+            trained = slot.state.step > 0 or self._config.quantization != "none"
+            if trained and slot.workers is not None:
                 from art_local.distributed.remote import merged_weights
 
                 weights = await run_on(slot.trainer, merged_weights, slot.workers)
-            elif slot.state.step > 0 and slot.components is not None:
+            elif trained and slot.components is not None:
                 weights = await run_on(slot.trainer, merged_state_dict, slot.components)
             latest = _checkpoints_dir(model) / f"{slot.state.step:04d}"
             await service.add_model(
@@ -589,6 +598,10 @@ class LocalBackend:
 
         directory = _checkpoints_dir(model) / f"{step:04d}"
         if not (directory / "metadata.json").is_file():
+            if step == 0 and self._config.quantization != "none":
+                from art_local.training.quantize import dequantized_base_weights
+
+                return dequantized_base_weights(self._slot(model).base_model, self._config.quantization)
             return None
         return merged_state_dict_from_checkpoint(self._slot(model).base_model, directory)
 

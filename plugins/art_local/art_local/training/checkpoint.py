@@ -81,14 +81,18 @@ def merged_state_dict(components: TrainingComponents, *, copy: bool = True) -> d
             return {key: fresh(value) for key, value in model.state_dict().items()}
         from peft.tuners.lora import LoraLayer
 
+        from art_local.training.quantize import is_quantized, plain_state_dict
+
+        quantized = is_quantized(model)  # served as trained: the dequantized base, adapter merged
+        state = plain_state_dict(model) if quantized else model.state_dict()
         merged = {
             key.replace(".base_layer.", "."): fresh(value)
-            for key, value in model.state_dict().items()
+            for key, value in state.items()
             if ".lora_" not in key
         }
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and "default" in module.lora_A:
-                base = module.get_base_layer().weight
+                base = state[f"{name}.base_layer.weight"] if quantized else module.get_base_layer().weight
                 delta = cast(Any, module).get_delta_weight("default")
                 merged[f"{name}.weight"] = (base.float() + delta.float()).to(dtype)
         return merged
@@ -102,17 +106,26 @@ def merged_state_dict_from_checkpoint(
     from transformers import AutoModelForCausalLM
 
     directory = Path(checkpoint_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
-    if (directory / FULL_FILE).is_file():
-        load_model(model, str(directory / FULL_FILE), strict=True)
-        return {key: value.detach().clone() for key, value in model.state_dict().items()}
-    if not (directory / ADAPTER_FILE).is_file():
+    if not (directory / FULL_FILE).is_file() and not (directory / ADAPTER_FILE).is_file():
         raise FileNotFoundError(f"{directory} holds neither {ADAPTER_FILE} nor {FULL_FILE}")
+    from art_local.training.quantize import dequantized_base_weights, quantization_of
+
+    quantization = (
+        quantization_of(read_metadata(directory)) if (directory / METADATA_FILE).is_file() else "none"
+    )
+    if quantization != "none":  # the base the adapter was trained on: quantized, then dequantized
+        merged = dequantized_base_weights(base_model, quantization)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+        if (directory / FULL_FILE).is_file():
+            load_model(model, str(directory / FULL_FILE), strict=True)
+        merged = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    if (directory / FULL_FILE).is_file():
+        return merged
     adapter = json.loads((directory / ADAPTER_CONFIG_FILE).read_text())
     rank = adapter["r"]
     scale = adapter["lora_alpha"] / (rank**0.5 if adapter.get("use_rslora") else rank)
     weights = load_file(str(directory / ADAPTER_FILE))
-    merged = {key: value.detach().clone() for key, value in model.state_dict().items()}
     for key, lora_a in weights.items():
         if not key.endswith(".lora_A.weight"):
             continue

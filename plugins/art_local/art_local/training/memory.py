@@ -1,7 +1,8 @@
 """Know before you run out of memory: an estimate of one training step's peak, and a refusal when it cannot fit.
 
 The estimate counts what a step holds at once: weights (fp32 master weights for a full fine-tune, the compute
-dtype for a frozen LoRA base), gradients and AdamW's two moments for the trainable parameters, the frozen
+dtype for a frozen LoRA base, or its NF4/int8 bytes with ``quantization`` plus one layer's dequantized
+weight), gradients and AdamW's two moments for the trainable parameters, the frozen
 reference model of a full fine-tune with a KL penalty, the decoder's saved activations (every layer's, or with
 activation checkpointing only each layer's input plus one layer recomputed), the packed-row attention mask, and
 one chunk of logits (never the whole sequence: see ``logprobs.py``). The activation coefficients were fitted
@@ -135,6 +136,8 @@ def plan_memory(
     checkpointing = uses_activation_checkpointing(trainer_config.activation_checkpointing, target, total)
     full = trainer_config.full_fine_tune
     weights = total * 4 if full else total * compute_bytes + trainable * 4
+    if trainer_config.quantization != "none":
+        weights -= quantization_savings(model_config, trainer_config.quantization, compute_bytes)
     if full and compute_bytes < 4:
         weights += total * compute_bytes  # autocast's low-precision copy of each weight
     reference = total * compute_bytes if full and step.loss.kl_penalty_coef > 0 else 0
@@ -156,6 +159,31 @@ def plan_memory(
         * LOGIT_COPIES,
         workspace_bytes=WORKSPACE_BYTES,
     )
+
+
+def quantizable_linear_sizes(model_config: Any) -> list[int]:
+    """Weights of each linear layer bitsandbytes quantizes: every ``nn.Linear`` but the output layer."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    output = model.get_output_embeddings()
+    return [
+        module.weight.numel()
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear) and module is not output
+    ]
+
+
+def quantization_savings(model_config: Any, quantization: str, compute_bytes: int) -> int:
+    """Bytes a quantized base saves over the compute dtype, less the largest layer dequantized in the forward."""
+    from art_local.training.quantize import bytes_per_weight
+
+    sizes = quantizable_linear_sizes(model_config)
+    if not sizes:
+        return 0
+    saved = sum(sizes) * (compute_bytes - bytes_per_weight(quantization))
+    return int(saved) - 2 * max(sizes) * max(compute_bytes, 2)  # its dequantized weight and int8's fp16 input
 
 
 def activation_bytes(
@@ -201,6 +229,8 @@ def _alternatives(config: TrainerConfig, step: StepConfig, batch_rows: int) -> l
         )
     if config.full_fine_tune:
         changes.append(("TrainerConfig(lora_rank=8)", {"lora_rank": 8}, {}, batch_rows))
+    elif config.quantization != "nf4":
+        changes.append(("TrainerConfig(quantization='nf4')", {"quantization": "nf4"}, {}, batch_rows))
     if config.dtype in ("auto", "float32"):
         changes.append(("TrainerConfig(dtype='bfloat16')", {"dtype": "bfloat16"}, {}, batch_rows))
     if step.logprob_calculation_chunk_size > 256:

@@ -16,6 +16,7 @@ import torch
 
 from art_core.plugin_api import ADAMW
 from art_local.cpu_features import auto_dtype
+from art_local.training.quantize import Quantization, check_quantization
 
 DTypeName: TypeAlias = Literal["auto", "float32", "bfloat16", "float16"]
 Checkpointing: TypeAlias = bool | Literal["auto"]
@@ -68,6 +69,7 @@ class TrainerConfig:
     seed: int = 0
     activation_checkpointing: Checkpointing = "auto"
     memory_check: bool = True
+    quantization: Quantization = "none"  # frozen LoRA base in NF4 or int8 (training/quantize.py)
 
     def __post_init__(self) -> None:
         if self.lora_rank is not None and self.lora_rank <= 0:
@@ -84,6 +86,7 @@ class TrainerConfig:
             raise ValueError(
                 f"activation_checkpointing={self.activation_checkpointing!r} must be True, False or 'auto'"
             )
+        check_quantization(self.quantization, self.lora_rank)
 
     @property
     def full_fine_tune(self) -> bool:
@@ -225,8 +228,13 @@ def build_components(
     # Trainable weights stay fp32 (master weights); lower precision only through autocast in the forward.
     load_dtype = compute_dtype if config.lora_rank is not None else torch.float32
     attention = attention_implementation(name)
-    model: Any = AutoModelForCausalLM.from_pretrained(name, dtype=load_dtype, attn_implementation=attention)
-    model.to(target_device)
+    if config.quantization != "none":
+        from art_local.training.quantize import load_quantized
+
+        model: Any = load_quantized(name, config.quantization, target_device, compute_dtype, attention)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=load_dtype, attn_implementation=attention)
+        model.to(target_device)
     model.config.use_cache = False
     if uses_activation_checkpointing(config.activation_checkpointing, target_device, model.num_parameters()):
         # non-reentrant: LoRA's frozen inputs need no requires_grad hook, and DDP/FSDP accept it
