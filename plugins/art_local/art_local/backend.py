@@ -107,8 +107,9 @@ class LocalBackend:
     ``max_grad_norm``, ``dtype``, ``max_sequence_length``, ``micro_batch_rows``, ``seed``,
     ``activation_checkpointing``, ``memory_check``, ``quantization`` — a NF4/int8 LoRA base, served dequantized
     so sampler and trainer agree). Per-call options go to ``train()``. ``register`` refuses (``MemoryPlanError``,
-    with the options that would fit) a model whose step ``plan_memory`` says the device cannot hold.
-    ``allow_config_mismatch=True`` resumes from a checkpoint written with other settings.
+    with the options that would fit) a model whose step ``plan_memory`` says the device cannot hold (per rank
+    under ``train_devices``). ``allow_config_mismatch=True`` resumes from a checkpoint written with other
+    settings.
     ``engine``/``host``/``port``/``api_key`` configure the inference server: ``engine="auto"`` serves with
     vLLM on a CUDA machine whose vLLM interpreter finds vllm, else with transformers; ``vllm`` (a
     ``VLLMEngineConfig``) says how vLLM runs (interpreter, memory fraction, lengths, parallelism, LoRA limits,
@@ -639,6 +640,10 @@ class LocalBackend:
             if self._distributed is not None:
                 from art_local.distributed.remote import start_workers
 
+                if self._config.memory_check:  # one rank's share, before any worker starts
+                    from art_local.training.memory import check_memory_fits
+
+                    check_memory_fits(base_model, self._config, distributed=self._distributed)
                 workers, state, is_lora = start_workers(
                     base_model,
                     self._config,

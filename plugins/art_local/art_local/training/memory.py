@@ -15,7 +15,7 @@ import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from art_local.training.state import (
     uses_activation_checkpointing,
 )
 from art_local.training.step_config import StepConfig
+
+if TYPE_CHECKING:
+    from art_local.distributed.config import DistributedConfig
 
 GIB = 1024**3
 # Bytes per token and layer of saved activations, in units of the compute dtype: SAVED_PER_HIDDEN × hidden +
@@ -260,17 +263,22 @@ def check_memory_fits(
     batch_rows: int | None = None,
     available_bytes: int | None = None,
     step: StepConfig | None = None,
+    distributed: DistributedConfig | None = None,
 ) -> MemoryPlan | None:
     """The plan for ``max_sequence_length`` × ``micro_batch_rows`` (1 when unset); refuses what cannot fit.
 
+    With ``distributed`` (``LocalBackend(train_devices=...)``) the plan is one rank's (``rank_plan``) on the
+    workers' device, against each GPU's free memory, or on CPU against this machine's share per local rank.
     None (with a warning) when the model cannot be planned, e.g. an architecture the meta device cannot build.
     """
     length = sequence_length or trainer_config.max_sequence_length
     rows = batch_rows or trainer_config.micro_batch_rows or 1
     step = StepConfig() if step is None else step
+    if distributed is not None:
+        device = workers_device(distributed)
     try:
         model_config = _model_config(model_config_or_path)
-        plan = plan_memory(
+        single = plan_memory(
             model_config,
             sequence_length=length,
             batch_rows=rows,
@@ -278,6 +286,7 @@ def check_memory_fits(
             step=step,
             device=device,
         )
+        plan = rank_plan(single, model_config, distributed)
     except Exception as error:  # an estimate that cannot be made must not block training
         warnings.warn(
             f"could not estimate the training memory of {model_config_or_path!r} "
@@ -286,7 +295,10 @@ def check_memory_fits(
             stacklevel=2,
         )
         return None
-    free = available_memory(device) if available_bytes is None else available_bytes
+    if distributed is not None:
+        free, where = rank_budget(distributed, single, available_bytes)
+    else:
+        free, where = (available_memory(device) if available_bytes is None else available_bytes), ""
     if plan.total_bytes <= free:
         return plan
     fitting = []
@@ -299,6 +311,7 @@ def check_memory_fits(
             step=other_step,
             device=device,
         )
+        other = rank_plan(other, model_config, distributed)
         if other.total_bytes <= free:
             fitting.append(f"{label} → {gib(other.total_bytes)}")
     advice = (
@@ -309,6 +322,54 @@ def check_memory_fits(
     raise MemoryPlanError(
         f"training {plan.parameters / 1e9:.2f}B parameters ({plan.trainable_parameters / 1e6:.1f}M trainable) on "
         f"{plan.device} with sequence_length={length}, batch_rows={rows}, activation_checkpointing="
-        f"{plan.activation_checkpointing} needs about {plan.describe()}, but {gib(free)} is available; {advice}. "
+        f"{plan.activation_checkpointing}{where} needs about {plan.describe()}, but {gib(free)} is available; "
+        f"{advice}. "
         "TrainerConfig(memory_check=False) skips this check"
     )
+
+
+def workers_device(distributed: DistributedConfig) -> torch.device:
+    """The device type the torchrun workers train on (``DistributedConfig.device``; "auto": CUDA when present)."""
+    if distributed.gpus is not None or distributed.device == "cuda":
+        return torch.device("cuda")
+    if distributed.device == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def rank_plan(plan: MemoryPlan, model_config: Any, distributed: DistributedConfig | None) -> MemoryPlan:
+    """One worker's share of ``plan``: DDP replicates everything and adds its gradient buckets (a second copy of
+    the gradients); FSDP divides weights, gradients and AdamW states by the world size and gathers one decoder
+    layer at a time (two with prefetching)."""
+    if distributed is None:
+        return plan
+    if distributed.strategy == "ddp":
+        return dataclasses.replace(plan, gradients_bytes=plan.gradients_bytes * 2)
+    ranks = distributed.world_size
+    layers = max(int(model_config.num_hidden_layers), 1)
+    return dataclasses.replace(
+        plan,
+        weights_bytes=-(-plan.weights_bytes // ranks) + 2 * -(-plan.weights_bytes // layers),
+        gradients_bytes=-(-plan.gradients_bytes // ranks),
+        optimizer_bytes=-(-plan.optimizer_bytes // ranks),
+    )
+
+
+def rank_budget(
+    distributed: DistributedConfig, single: MemoryPlan, available_bytes: int | None = None
+) -> tuple[int, str]:
+    """(bytes one rank may use, how the message says so). CUDA: the least free of this node's GPUs; CPU: the
+    free memory (less FSDP rank 0's full host copy) split among the ``nproc_per_node`` local ranks."""
+    ranks = distributed.nproc_per_node
+    if workers_device(distributed).type == "cuda":
+        indices = distributed.gpus if distributed.gpus is not None else tuple(range(ranks))
+        if available_bytes is not None:
+            return available_bytes, f" per rank on GPUs {list(indices)}"
+        free = min(int(torch.cuda.mem_get_info(index)[0]) for index in indices)
+        return free, f" per rank on GPUs {list(indices)} (the least free)"
+    total = available_memory("cpu") if available_bytes is None else available_bytes
+    host = single.weights_bytes + single.optimizer_bytes if distributed.strategy == "fsdp" else 0
+    note = f", less rank 0's {gib(host)} host copy" if host else ""
+    return max(
+        total - host, 0
+    ) // ranks, f" per rank ({ranks} {distributed.strategy} ranks share {gib(total)}{note})"
