@@ -1,6 +1,7 @@
 """Peak memory of one training step against model size and sequence length, per option, beside plan_memory.
 
-Each (size, sequence length, LoRA or full, activation checkpointing) runs in a fresh process
+Each (size, sequence length, LoRA or full, activation checkpointing, a NF4/int8 LoRA base where bitsandbytes
+runs on this CPU) runs in a fresh process
 (``python -m art_local.training.measure_memory``): random-init Llama-style weights, one packed row, one
 forward/backward and one AdamW step on CPU in fp32. "measured" is that process's peak RSS minus its RSS before
 the weights loaded (the loader's transient peak excluded); "estimated" is ``art_local.plan_memory`` for the same
@@ -25,11 +26,14 @@ SIZES: dict[str, tuple[int, int, int, int, int, int, tuple[int, ...]]] = {
     "medium": (768, 2048, 12, 12, 4, 16384, (256,)),
     "large": (1024, 2816, 16, 16, 4, 32000, (256,)),
 }
+# name → (LoRA rank or None for full, activation checkpointing, quantization of the LoRA base)
 OPTIONS = [
-    ("lora", 8, False),
-    ("lora+ckpt", 8, True),
-    ("full", None, False),
-    ("full+ckpt", None, True),
+    ("lora", 8, False, "none"),
+    ("lora+ckpt", 8, True, "none"),
+    ("lora+nf4", 8, False, "nf4"),  # the quantized ones run only where bitsandbytes works on CPU
+    ("lora+int8", 8, False, "int8"),
+    ("full", None, False, "none"),
+    ("full+ckpt", None, True, "none"),
 ]
 
 
@@ -54,14 +58,18 @@ def build(directory: Path, size: str) -> Path:
 
 
 def run_one(
-    model_dir: Path, sequence_length: int, lora_rank: int | None, checkpointing: bool
+    model_dir: Path, sequence_length: int, lora_rank: int | None, checkpointing: bool, quantization: str
 ) -> dict[str, Any]:
     """One fresh process's figures for one setting."""
     request = {
         "model_dir": str(model_dir),
         "rows": 1,
         "sequence_length": sequence_length,
-        "trainer_config": {"lora_rank": lora_rank, "activation_checkpointing": checkpointing},
+        "trainer_config": {
+            "lora_rank": lora_rank,
+            "activation_checkpointing": checkpointing,
+            "quantization": quantization,
+        },
     }
     completed = subprocess.run(
         [sys.executable, "-m", "art_local.training.measure_memory", json.dumps(request)],
@@ -76,14 +84,20 @@ def measure_all(sizes: list[str], directory: Path) -> list[dict[str, Any]]:
     """Every (size, length, option) record: measured and estimated bytes."""
     from art_local import plan_memory
     from art_local.training import TrainerConfig
+    from art_local.training.quantize import quantization_available
 
+    options = [option for option in OPTIONS if option[3] == "none" or quantization_available("cpu")]
     records = []
     for size in sizes:
         model_dir = build(directory, size)
         for sequence_length in SIZES[size][-1]:
-            for option, lora_rank, checkpointing in OPTIONS:
-                measured = run_one(model_dir, sequence_length, lora_rank, checkpointing)
-                config = TrainerConfig(lora_rank=lora_rank, activation_checkpointing=checkpointing)
+            for option, lora_rank, checkpointing, quantization in options:
+                measured = run_one(model_dir, sequence_length, lora_rank, checkpointing, quantization)
+                config = TrainerConfig(
+                    lora_rank=lora_rank,
+                    activation_checkpointing=checkpointing,
+                    quantization=quantization,  # type: ignore[arg-type]
+                )
                 plan = plan_memory(
                     model_dir,
                     sequence_length=sequence_length,
@@ -115,8 +129,10 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     figure, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     for axis, size in zip(axes[0], sizes, strict=True):
         rows = [record for record in records if record["size"] == size]
-        for index, (option, _, _) in enumerate(OPTIONS):
+        for index, (option, _, _, _) in enumerate(OPTIONS):
             mine = [record for record in rows if record["option"] == option]
+            if not mine:
+                continue
             lengths = [record["sequence_length"] for record in mine]
             color = f"C{index}"
             axis.plot(lengths, [r["measured_bytes"] / 2**30 for r in mine], "o-", color=color, label=option)
