@@ -30,8 +30,8 @@ def test_activation_checkpointing_must_be_a_bool_or_auto() -> None:
 def test_chunk_size_is_a_per_call_option_and_checkpointing_a_static_one() -> None:
     assert "logprob_calculation_chunk_size" not in TrainerConfig().fingerprint_fields()
     assert StepConfig(logprob_calculation_chunk_size=64).logprob_calculation_chunk_size == 64
-    # static, so fingerprinted: a resume with another value is refused unless allow_config_mismatch=True
-    assert TrainerConfig(activation_checkpointing=True).fingerprint() != TrainerConfig().fingerprint()
+    # how the steps run, not what a checkpoint means: following the memory plan's advice still resumes
+    assert TrainerConfig(activation_checkpointing=True).fingerprint() == TrainerConfig().fingerprint()
 
 
 def test_auto_checkpointing_is_on_for_large_models_on_cuda_only() -> None:

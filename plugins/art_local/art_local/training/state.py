@@ -8,7 +8,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -42,6 +42,12 @@ LEGACY_FINGERPRINT_FIELDS = (
 )
 FINGERPRINT_VERSION = 2
 
+# Field metadata of the settings that say how this machine runs the steps (dtype, micro-batching, activation
+# checkpointing, ...): equal gradients either way (tested to 1e-5, or to bf16's rounding), so a checkpoint
+# written with one value resumes with another. Every other field is what the adapter and the optimizer state
+# mean (their shapes, the AdamW hyper-parameters, the base they were fitted to), and the fingerprint hashes it.
+RUN_ONLY = {"run_only": True}
+
 
 @dataclass(frozen=True)
 class TrainerConfig:
@@ -52,8 +58,9 @@ class TrainerConfig:
     more); ``memory_check=False`` skips ``LocalBackend.register``'s refusal when ``plan_memory`` says the device
     cannot hold training.
 
-    What changes from call to call (learning rate, loss options, chunking, ...) is a ``StepConfig``, never here;
-    so ``fingerprint()`` hashes every field, and a resume with any other value is refused unless allowed.
+    What changes from call to call (learning rate, loss options, chunking, ...) is a ``StepConfig``, never here.
+    ``fingerprint()`` hashes every field that gives a checkpoint its meaning; a resume with another value of one
+    is refused unless allowed. The ``RUN_ONLY`` fields (how this machine computes the steps) may differ.
     """
 
     betas: tuple[float, float] = ADAMW.betas
@@ -63,12 +70,14 @@ class TrainerConfig:
     lora_rank: int | None = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    dtype: DTypeName = "auto"
-    max_sequence_length: int = 2048
-    micro_batch_rows: int | None = None
-    seed: int = 0
-    activation_checkpointing: Checkpointing = "auto"
-    memory_check: bool = True
+    # How this machine computes the steps, not what a checkpoint holds: a resume may change them freely (the
+    # memory plan's advice is to change them), so the fingerprint leaves them out (see RUN_ONLY).
+    dtype: DTypeName = field(default="auto", metadata=RUN_ONLY)
+    max_sequence_length: int = field(default=2048, metadata=RUN_ONLY)
+    micro_batch_rows: int | None = field(default=None, metadata=RUN_ONLY)
+    seed: int = field(default=0, metadata=RUN_ONLY)  # the new adapter's initialisation; a resume loads it
+    activation_checkpointing: Checkpointing = field(default="auto", metadata=RUN_ONLY)
+    memory_check: bool = field(default=True, metadata=RUN_ONLY)
     quantization: Quantization = "none"  # frozen LoRA base in NF4 or int8 (training/quantize.py)
 
     def __post_init__(self) -> None:
@@ -94,8 +103,13 @@ class TrainerConfig:
         return self.lora_rank is None
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """Every field, canonical: LoRA targets as a set (sorted), and no LoRA shape for a full fine-tune."""
-        values = self.to_json()
+        """Every field but the ``RUN_ONLY`` ones, canonical: LoRA targets as a set (sorted), no LoRA shape for a
+        full fine-tune, and no ``quantization`` when it is ``"none"`` (so such a config hashes as it did before
+        quantization existed)."""
+        run_only = {f.name for f in dataclasses.fields(self) if f.metadata.get("run_only")}
+        values = {name: value for name, value in self.to_json().items() if name not in run_only}
+        if values.get("quantization") == "none":
+            del values["quantization"]
         values["lora_targets"] = sorted(self.lora_targets)
         if self.lora_rank is None:
             values.update(lora_alpha=None, lora_targets=None)
