@@ -7,7 +7,7 @@ is the median over every round's repeats. A round's logs share one event loop, a
 
 .venv/bin/python bench/log_throughput.py
 # side by side with openpipe-art 0.5.18:
-python3 -m venv ~/.cache/art/openpipe-venv && ~/.cache/art/openpipe-venv/bin/pip install openpipe-art==0.5.18
+python3 -m venv ~/.cache/art/openpipe-venv && ~/.cache/art/openpipe-venv/bin/pip install openpipe-art==0.5.18 pyarrow  # its parquet writer needs pyarrow
 .venv/bin/python bench/log_throughput.py --vs-openpipe-art ~/.cache/art/openpipe-venv/bin/python
 """
 
