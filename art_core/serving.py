@@ -17,7 +17,7 @@ KEEP_ALIVE_S = 75
 LISTEN_BACKLOG = 2048
 
 
-def bind_socket(host: str, port: int, *, inheritable: bool = False) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (port 0 picks a free one); a clear error when it is taken."""
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on accepted sockets whose proto says TCP, and
     # without it every keep-alive response waits ~40 ms for a delayed ACK (Nagle), measured here.
@@ -33,7 +33,6 @@ def bind_socket(host: str, port: int, *, inheritable: bool = False) -> socket.so
             f"cannot listen on {host}:{port} ({exc.strerror}); pick another port (0 picks a free one)",
         ) from exc
     sock.listen(LISTEN_BACKLOG)
-    sock.set_inheritable(inheritable)
     return sock
 
 
