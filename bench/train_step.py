@@ -1,16 +1,18 @@
 """Benchmark: one warm ``LocalBackend.train()`` step vs a minimal hand-written PyTorch GRPO step.
 
 Same model (``art_local.tiny`` sizes), same batch (8 completions of 32 tokens, groups of 4), LoRA and full
-fine-tune. The two implementations alternate step by step in one process so they share the machine's noise; peak RSS
+fine-tune, in each compute dtype asked for (``--dtypes float32,bfloat16``; both sides use the same one: bf16 is
+autocast with fp32 trainable weights, the LoRA base held in bf16, as ``TrainerConfig(dtype="bfloat16")`` does). The two implementations alternate step by step in one process so they share the machine's noise; peak RSS
 comes from a separate process per implementation. Prints exactly one JSON line.
 
-    .venv/bin/python bench/train_step.py --sizes tiny,small --steps 10
+    .venv/bin/python bench/train_step.py --sizes tiny,small --steps 10 --dtypes float32,bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -25,6 +27,7 @@ from typing import Any
 
 COMPLETIONS, GROUP_SIZE, COMPLETION_TOKENS = 8, 4, 32
 SAVE = [False]  # --save-checkpoint: write each step's checkpoint, as a real run does
+DTYPE = ["float32"]  # the compute dtype of the current comparison, on both sides
 LEARNING_RATE, LORA_RANK, CLIP_EPSILON = 1e-5, 8, 0.2
 
 
@@ -123,9 +126,8 @@ def _local_stepper(
 
     directory = build_tiny_model(size)  # type: ignore[arg-type]
     groups = _groups(_batch_spec(AutoTokenizer.from_pretrained(directory)))
-    backend = LocalBackend(
-        workdir, device="cpu", trainer_config=TrainerConfig(lora_rank=LORA_RANK if mode == "lora" else None)
-    )
+    config = TrainerConfig(lora_rank=LORA_RANK if mode == "lora" else None, dtype=DTYPE[0])  # type: ignore[arg-type]
+    backend = LocalBackend(workdir, device="cpu", trainer_config=config)
     model = art.TrainableModel(name="bench", project="bench", base_model=str(directory))
     loop = asyncio.new_event_loop()
     loop.run_until_complete(backend.register(model))
@@ -160,12 +162,18 @@ def _baseline_stepper(size: str, mode: str) -> Stepper:
     directory = build_tiny_model(size)  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(directory)
     specs = _batch_spec(tokenizer)
-    model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    bf16 = DTYPE[0] == "bfloat16"
+    # a frozen LoRA base may live in bf16; trained weights stay fp32 (autocast computes in bf16)
+    load_dtype = torch.bfloat16 if bf16 and mode == "lora" else torch.float32
+    model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=load_dtype)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=16, target_modules=targets))
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE)
@@ -188,7 +196,8 @@ def _baseline_stepper(size: str, mode: str) -> Stepper:
     old = torch.full(mask.shape, -6.9)
 
     def step() -> None:
-        logits = model(input_ids=tokens, attention_mask=attention).logits[:, :-1].float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=tokens, attention_mask=attention).logits[:, :-1].float()
         new = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
         ratio = torch.exp(new - old)
         clipped = torch.clamp(ratio, 1 - CLIP_EPSILON, 1 + CLIP_EPSILON)
@@ -267,11 +276,27 @@ def _peak_rss(kind: str, size: str, mode: str, steps: int) -> float:
         mode,
         "--steps",
         str(steps),
+        "--dtype",
+        DTYPE[0],
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} worker ({size}, {mode}) failed: {done.stderr[-3000:]}")
     return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def _cpu_model() -> str:
+    """The CPU's model name and whether it reports native bf16 (the figures depend on both)."""
+    from art_local.cpu_features import cpu_flags, has_native_bf16
+
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        text = ""
+    name = next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?"
+    )
+    return f"{name} (native bf16: {has_native_bf16()}, amx: {'amx_bf16' in cpu_flags()})"
 
 
 def main() -> None:
@@ -282,39 +307,47 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--save-checkpoint", action="store_true", help="write a checkpoint every step")
+    parser.add_argument(
+        "--dtypes", default="float32", help="compute dtypes to compare in, e.g. float32,bfloat16 (both sides)"
+    )
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["local", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
     SAVE[0] = args.save_checkpoint
+    DTYPE[0] = args.dtype
     if args.worker:
         _peak_rss_worker(args.worker, args.size, args.mode, args.warmup + 2)
         return
     results = []
-    for size in args.sizes.split(","):
-        for mode in args.modes.split(","):
-            times = _interleaved(size, mode, args.steps, args.warmup)
-            local, baseline = statistics.median(times["local"]), statistics.median(times["baseline"])
-            results.append(
-                {
-                    "size": size,
-                    "mode": mode,
-                    "local_median_s": round(local, 5),
-                    "baseline_median_s": round(baseline, 5),
-                    "ratio": round(local / baseline, 4),
-                    "local_min_s": round(min(times["local"]), 5),
-                    "baseline_min_s": round(min(times["baseline"]), 5),
-                    "ratio_of_mins": round(min(times["local"]) / min(times["baseline"]), 4),
-                    "local_peak_rss_mb": round(_peak_rss("local", size, mode, args.warmup + 2), 1),
-                    "baseline_peak_rss_mb": round(_peak_rss("baseline", size, mode, args.warmup + 2), 1),
-                    # median seconds per phase of the local train() call (sums to about local_median_s)
-                    "local_breakdown_median_s": {
-                        key.split(":", 1)[1]: round(statistics.median(values), 5)
-                        for key, values in times.items()
-                        if key.startswith("overhead:")
-                    },
-                }
-            )
+    for size, mode, dtype in itertools.product(
+        args.sizes.split(","), args.modes.split(","), args.dtypes.split(",")
+    ):
+        DTYPE[0] = dtype
+        times = _interleaved(size, mode, args.steps, args.warmup)
+        local, baseline = statistics.median(times["local"]), statistics.median(times["baseline"])
+        results.append(
+            {
+                "size": size,
+                "mode": mode,
+                "dtype": dtype,
+                "local_median_s": round(local, 5),
+                "baseline_median_s": round(baseline, 5),
+                "ratio": round(local / baseline, 4),
+                "local_min_s": round(min(times["local"]), 5),
+                "baseline_min_s": round(min(times["baseline"]), 5),
+                "ratio_of_mins": round(min(times["local"]) / min(times["baseline"]), 4),
+                "local_peak_rss_mb": round(_peak_rss("local", size, mode, args.warmup + 2), 1),
+                "baseline_peak_rss_mb": round(_peak_rss("baseline", size, mode, args.warmup + 2), 1),
+                # median seconds per phase of the local train() call (sums to about local_median_s)
+                "local_breakdown_median_s": {
+                    key.split(":", 1)[1]: round(statistics.median(values), 5)
+                    for key, values in times.items()
+                    if key.startswith("overhead:")
+                },
+            }
+        )
     import torch
 
     figures = {
@@ -325,6 +358,7 @@ def main() -> None:
         "save_checkpoint": args.save_checkpoint,
         "load_average_1m": round(os.getloadavg()[0], 2),
         "torch_threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
         "results": results,
     }
     print(json.dumps(figures))
