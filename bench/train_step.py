@@ -1,8 +1,9 @@
 """Benchmark: one warm ``LocalBackend.train()`` step vs a minimal hand-written PyTorch GRPO step.
 
 Same model (``art_local.tiny`` sizes), same batch (8 completions of 32 tokens, groups of 4), LoRA and full
-fine-tune, in each compute dtype asked for (``--dtypes float32,bfloat16``; both sides use the same one: bf16 is
-autocast with fp32 trainable weights, the LoRA base held in bf16, as ``TrainerConfig(dtype="bfloat16")`` does). The two implementations alternate step by step in one process so they share the machine's noise; peak RSS
+fine-tune, in each compute dtype asked for (``--dtypes float32,bfloat16``). Both sides use the same dtype; bf16 is
+autocast with fp32 trainable weights and the LoRA base held in bf16, as ``TrainerConfig(dtype="bfloat16")`` does.
+The two implementations alternate step by step in one process so they share the machine's noise; peak RSS
 comes from a separate process per implementation. Prints exactly one JSON line.
 
     .venv/bin/python bench/train_step.py --sizes tiny,small --steps 10 --dtypes float32,bfloat16
@@ -27,6 +28,7 @@ from typing import Any
 
 COMPLETIONS, GROUP_SIZE, COMPLETION_TOKENS = 8, 4, 32
 SAVE = [False]  # --save-checkpoint: write each step's checkpoint, as a real run does
+DTYPES = ("float32", "bfloat16")
 DTYPE = ["float32"]  # the compute dtype of the current comparison, on both sides
 LEARNING_RATE, LORA_RANK, CLIP_EPSILON = 1e-5, 8, 0.2
 
@@ -299,6 +301,15 @@ def _cpu_model() -> str:
     return f"{name} (native bf16: {has_native_bf16()}, amx: {'amx_bf16' in cpu_flags()})"
 
 
+def _dtype_list(text: str) -> list[str]:
+    """``--dtypes``: a comma-separated list of ``DTYPES`` (an unknown name is an error naming it)."""
+    names = text.split(",")
+    unknown = [name for name in names if name not in DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
+    return names
+
+
 def main() -> None:
     """Parse arguments, run the workers and print one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -308,9 +319,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--save-checkpoint", action="store_true", help="write a checkpoint every step")
     parser.add_argument(
-        "--dtypes", default="float32", help="compute dtypes to compare in, e.g. float32,bfloat16 (both sides)"
+        "--dtypes",
+        type=_dtype_list,
+        default=["float32"],
+        help="compute dtypes to compare in, e.g. float32,bfloat16 (both sides)",
     )
-    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["local", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -321,9 +335,7 @@ def main() -> None:
         _peak_rss_worker(args.worker, args.size, args.mode, args.warmup + 2)
         return
     results = []
-    for size, mode, dtype in itertools.product(
-        args.sizes.split(","), args.modes.split(","), args.dtypes.split(",")
-    ):
+    for size, mode, dtype in itertools.product(args.sizes.split(","), args.modes.split(","), args.dtypes):
         DTYPE[0] = dtype
         times = _interleaved(size, mode, args.steps, args.warmup)
         local, baseline = statistics.median(times["local"]), statistics.median(times["baseline"])
