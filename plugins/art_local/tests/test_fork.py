@@ -65,7 +65,11 @@ async def test_a_fork_resumes_from_the_chosen_step_and_serves_it(
     assert all(torch.equal(weights[key], value) for key, value in step_2.items())
 
     assert forked.get_inference_name(2) == "run-b@2"
-    assert await sample(forked, 2) == await sample(source, 2)  # the same weights serve under both names
+    # the same weights serve under both names: the same tokens; logprobs equal up to float summation order
+    # (they differed by 5e-7 on a 2-vCPU AMD EPYC, in one full-suite run)
+    served, original = await sample(forked, 2), await sample(source, 2)
+    assert [token for token, _ in served] == [token for token, _ in original]
+    assert [lp for _, lp in served] == pytest.approx([lp for _, lp in original], abs=1e-5)
     result = await backend.train(forked, sort_groups(2), learning_rate=5e-2)
     assert result.step == 3 and (forked_dir / "0003" / "metadata.json").is_file()
     assert {p.name: p.read_bytes() for p in (source_dir / "0003").iterdir()} == before  # source untouched
