@@ -135,7 +135,7 @@ class LocalBackend:
     ) -> None:
         from art_local.inference.vllm_config import for_trainer
         from art_local.training import TrainerConfig
-        from art_local.training.state import resolve_device
+        from art_local.training.state import resolve_device, resolve_dtype
 
         self._path = str(path)
         self._device = device
@@ -161,6 +161,11 @@ class LocalBackend:
             engine = "hf" if engine == "auto" else engine  # vLLM hot-loads adapters only
         self._service_options: dict[str, Any] = {
             "engine": engine,
+            # the sampler computes in the dtype the trainer was told to (auto: the same rule on both sides), so
+            # TrainerConfig(dtype="float32") on a bf16-capable CPU does not sample in bf16 and train in fp32
+            "dtype": None
+            if self._config.dtype == "auto"
+            else resolve_dtype(self._config.dtype, resolve_device(device)),
             "host": host,
             "port": port,
             "api_key": api_key,

@@ -204,3 +204,33 @@ async def test_models_lists_kept_steps_after_a_restart(
         assert answer.choices
     finally:
         await again.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "dtype", "served"),
+    [
+        ("amx_bf16 avx512_bf16", "float32", "torch.float32"),  # auto would be bf16 on this CPU
+        ("", "bfloat16", "torch.bfloat16"),  # auto would be fp32 on this one
+        ("amx_bf16 avx512_bf16", "auto", "torch.bfloat16"),
+    ],
+)
+async def test_the_sampler_computes_in_the_dtype_the_trainer_config_names(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, flags: str, dtype: str, served: str
+) -> None:
+    """``TrainerConfig(dtype=...)`` sets the transformers engine's dtype too: no bf16 sampling for an fp32 trainer."""
+    from art_local import cpu_features
+    from art_local.training import TrainerConfig
+
+    monkeypatch.setenv(cpu_features.FLAGS_ENV, flags)
+    cpu_features.cpu_flags.cache_clear()
+    config = TrainerConfig(lora_rank=4, dtype=dtype)  # type: ignore[arg-type]
+    backend = LocalBackend(str(tmp_path / "art"), device="cpu", engine="hf", trainer_config=config)
+    try:
+        model = await registered(backend, tiny_model_dir)
+        assert engine_of(backend).describe()["dtype"] == served
+        assert str(backend._slots[model.name].components.compute_dtype) == served  # type: ignore[union-attr]
+        if dtype == "float32":
+            assert agreement(backend, model, await sampled_groups(model)) < 1e-4
+    finally:
+        await backend.close()
+        cpu_features.cpu_flags.cache_clear()

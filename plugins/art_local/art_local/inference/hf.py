@@ -51,7 +51,7 @@ class HFEngineConfig:
     """Options of the transformers engine."""
 
     device: str | None = None  # None: cuda when available, else cpu
-    dtype: torch.dtype | None = None  # None: bfloat16 on cuda, float32 on cpu
+    dtype: torch.dtype | None = None  # None: bfloat16 on cuda and on CPUs with native bf16, else float32
     batch_window_s: float = 0.005  # how long the first request of a batch waits for company
     max_batch_rows: int = 64  # sequences (prompts x n) sampled together at most
     max_cached_steps: int = 2  # older steps kept in memory besides the latest (least recently used goes)

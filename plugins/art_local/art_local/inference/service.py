@@ -66,6 +66,7 @@ class InferenceService:
         api_key: str | None = None,
         batch_window_s: float = 0.005,
         cpu_threads: int | None = None,
+        dtype: torch.dtype | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         start_timeout_s: float = 600.0,
         vllm: VLLMEngineConfig | None = None,
@@ -77,6 +78,7 @@ class InferenceService:
         self._api_key = api_key or secrets.token_urlsafe(32)
         self._batch_window_s = batch_window_s
         self._cpu_threads = cpu_threads
+        self._dtype = dtype  # the transformers engine's; None: its own default (HFEngineConfig)
         self._max_body_bytes = max_body_bytes
         self._engine: HostedEngine | None = None
         self._server: InferenceServer | None = None
@@ -129,7 +131,10 @@ class InferenceService:
 
         return HFEngine(
             HFEngineConfig(
-                device=self._device, batch_window_s=self._batch_window_s, cpu_threads=self._cpu_threads
+                device=self._device,
+                dtype=self._dtype,
+                batch_window_s=self._batch_window_s,
+                cpu_threads=self._cpu_threads,
             )
         )
 
