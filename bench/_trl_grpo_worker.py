@@ -51,6 +51,17 @@ def main(job: dict[str, Any]) -> None:
     def random_reward(completions: list[Any], **kwargs: Any) -> list[float]:
         return [rewards.random() for _ in completions]  # every group has signal, as on our side
 
+    # fp32 unless the job asks for TRL's own defaults (bf16 autocast, gradient checkpointing, the model's dtype)
+    precision: dict[str, Any] = (
+        {}
+        if job.get("trl_defaults")
+        else {
+            "bf16": False,  # TRL defaults to bf16: 18x slower backward on CPUs without native bf16 (docs/architecture.md §6)
+            "fp16": False,
+            "gradient_checkpointing": False,  # TRL defaults to True; off is faster for models this small
+            "model_init_kwargs": {"dtype": torch.float32},
+        }
+    )
     config = GRPOConfig(
         output_dir=job["output_dir"],
         per_device_train_batch_size=job["completions_per_step"],
@@ -63,10 +74,6 @@ def main(job: dict[str, Any]) -> None:
         learning_rate=job["learning_rate"],
         lr_scheduler_type="constant",
         beta=0.0,  # no reference model (TRL's default; ours has no KL either)
-        bf16=False,  # TRL defaults to bf16: 18x slower backward on CPUs without native bf16 (docs/architecture.md §6)
-        fp16=False,
-        gradient_checkpointing=False,  # TRL defaults to True; off is faster for models this small
-        model_init_kwargs={"dtype": torch.float32},
         use_cpu=job["device"] == "cpu",
         shuffle_dataset=False,
         save_strategy="no",
@@ -75,6 +82,7 @@ def main(job: dict[str, Any]) -> None:
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=job["seed"],
+        **precision,
     )
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in job["prompts"]])
     trainer = GRPOTrainer(
@@ -86,7 +94,14 @@ def main(job: dict[str, Any]) -> None:
         callbacks=[Lockstep()],
     )
     trainer.train()
-    say({"trl_version": trl.__version__, "torch_threads": torch.get_num_threads()})
+    say(
+        {
+            "trl_version": trl.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "bf16": bool(config.bf16),
+            "gradient_checkpointing": bool(config.gradient_checkpointing),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
 """One full RL step, ours vs TRL's ``GRPOTrainer``, same model and same work; prints one JSON line.
 
-Work per step (both sides): 2 prompts x a group of 4 = 8 completions of exactly 32 tokens at temperature 1, a
-random reward each (every group has signal), then one AdamW step of a full fine-tune, fp32 on CPU.
+Work per step (every side): 2 prompts x a group of 4 = 8 completions of exactly 32 tokens at temperature 1, a
+random reward each (every group has signal), then one AdamW step of a full fine-tune on CPU.
 - Ours: the 8 rollouts are concurrent OpenAI chat completions over HTTP to ``LocalBackend``'s server
   (``logprobs=True``, ``ignore_eos``), then ``backend.train(...)``, which also publishes the new weights to the
   server (``save_checkpoint=False``: TRL writes no checkpoint per step either). ``ours_n_step_s`` is the same
   step with one request per group (``n=4``), the cheaper way to sample a single-turn group.
-- TRL: ``GRPOTrainer`` (``beta=0``, no reference model) with ``bf16=False`` — TRL's default bf16 makes the
-  backward pass ~18x slower on CPUs without native bf16 (docs/architecture.md §6) — and ``gradient_checkpointing=False``
-  (TRL's default True only costs time at this size); ``min_new_tokens`` forces the 32 tokens.
-The two sides run in lockstep, each in its own process, one step at a time in a rotating order (TRL, ours,
-ours with ``n=4``; then ours, ours ``n=4``, TRL; ...), while the others wait idle: a burst of load from elsewhere
-on a shared machine hits all of them alike. Each figure is the median over ``--steps`` steps (after
-``--warmup``); ``ratio_paired_median`` is the median of the step-by-step ratios.
+- TRL: ``GRPOTrainer`` (``beta=0``, no reference model); ``min_new_tokens`` forces the 32 tokens.
+Two comparisons, in the same run: ``"fp32"`` — ours with ``TrainerConfig(dtype="float32")`` (sampler and trainer),
+TRL with ``bf16=False`` (its default bf16 makes the backward pass ~18x slower on CPUs without native bf16,
+docs/architecture.md §6), ``gradient_checkpointing=False`` and an fp32 model; ``"defaults"`` — ours at
+``dtype="auto"``, TRL at ``GRPOConfig``'s defaults (bf16, gradient checkpointing).
+The sides run in lockstep, each in its own process, one step at a time in a rotating order, while the others
+wait idle: a burst of load from elsewhere on a shared machine hits all of them alike. Each figure is the median
+over ``--steps`` steps (after ``--warmup``); ``ratio_paired_median`` is the median of the step-by-step ratios.
 
 TRL is not a dependency of this repo. Set up a side environment once (it reuses this venv's torch, transformers
 and accelerate through a .pth file, so no CUDA wheels come in, and pip is held to torch==2.13.0), then run:
@@ -38,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _machine import cpu_description
 
 HERE = Path(__file__).resolve().parent
 GROUP_SIZE, COMPLETIONS_PER_STEP, COMPLETION_TOKENS = 4, 8, 32
@@ -131,13 +134,18 @@ class TrlWorker:
             self._buffer += chunk
 
 
-async def lockstep(
-    model_dir: Path, prompts: list[str], steps: int, warmup: int, seed: int, trl: TrlWorker
-) -> dict[str, list[float]]:
-    """Seconds of each measured step of the three sides, run one step at a time in rotating order.
+SIDES = ("trl", "trl_defaults", "ours", "ours_n", "ours_defaults")
 
-    Ours: one chat completion per rollout (8 concurrent requests) over HTTP to LocalBackend's server, then
-    ``train()``; ours ``n``: one request with ``n=4`` per group (the prompt is prefilled once per group).
+
+async def lockstep(
+    model_dir: Path, prompts: list[str], steps: int, warmup: int, seed: int, trl: dict[str, TrlWorker]
+) -> tuple[dict[str, list[float]], str]:
+    """Seconds of each measured step of every side, run one step at a time in rotating order; our default dtype.
+
+    Ours (fp32, as TRL's ``trl`` side): one chat completion per rollout (8 concurrent requests) over HTTP to
+    LocalBackend's server, then ``train()``; ``ours_n``: one request with ``n=4`` per group (the prompt is
+    prefilled once per group); ``ours_defaults``: per-rollout requests with ``TrainerConfig``'s default dtype
+    (``auto``), against TRL at its own defaults (``trl_defaults``).
     """
     import art_core as art
     from art_local import LocalBackend
@@ -169,16 +177,27 @@ async def lockstep(
     async def group(client: Any, model: art.TrainableModel, text: str) -> art.TrajectoryGroup:
         return art.TrajectoryGroup(await sample(client, model, text, GROUP_SIZE))
 
-    measured: dict[str, list[float]] = {"rollout_s": [], "train_s": [], "n_step_s": [], "trl_step_s": []}
+    measured: dict[str, list[float]] = {"rollout_s": [], "train_s": []}
+    measured |= {f"{side}_step_s": [] for side in SIDES}
     with tempfile.TemporaryDirectory() as directory:
-        backend = LocalBackend(directory, trainer_config=TrainerConfig(lora_rank=None, seed=seed))
-        model = art.TrainableModel(name="bench", project="bench", base_model=str(model_dir))
-        await model.register(backend)
-        client = model.openai_client()
-        await asyncio.to_thread(trl.ready)
+        backends = {
+            dtype: LocalBackend(
+                f"{directory}/{dtype}", trainer_config=TrainerConfig(lora_rank=None, seed=seed, dtype=dtype)
+            )
+            for dtype in ("float32", "auto")
+        }
+        models = {}
+        for dtype, backend in backends.items():
+            models[dtype] = art.TrainableModel(name="bench", project="bench", base_model=str(model_dir))
+            await models[dtype].register(backend)
+        default_dtype = str(backends["auto"]._slots["bench"].components.compute_dtype).removeprefix("torch.")  # type: ignore[union-attr]
+        for worker in trl.values():
+            await asyncio.to_thread(worker.ready)
         prompts_per_step = COMPLETIONS_PER_STEP // GROUP_SIZE
 
-        async def our_step(batch: list[str], per_group: bool) -> tuple[float, float]:
+        async def our_step(batch: list[str], dtype: str, per_group: bool) -> tuple[float, float]:
+            backend, model = backends[dtype], models[dtype]
+            client = model.openai_client()
             started = time.perf_counter()
             groups = await art.gather_trajectory_groups(
                 (
@@ -196,24 +215,23 @@ async def lockstep(
         try:
             for step in range(warmup + steps):
                 batch = prompts[step * prompts_per_step : (step + 1) * prompts_per_step]
-                sides = ["trl", "ours", "ours_n"]
-                for side in sides[step % 3 :] + sides[: step % 3]:
-                    if side == "trl":
-                        seconds = await asyncio.to_thread(trl.step)
-                        if step >= warmup:
-                            measured["trl_step_s"].append(seconds)
+                shift = step % len(SIDES)
+                for side in SIDES[shift:] + SIDES[:shift]:
+                    if side in trl:
+                        seconds = await asyncio.to_thread(trl[side].step)
                     else:
-                        rollout_s, train_s = await our_step(batch, per_group=side == "ours_n")
-                        if step < warmup:
-                            continue
-                        if side == "ours":
+                        dtype = "auto" if side == "ours_defaults" else "float32"
+                        rollout_s, train_s = await our_step(batch, dtype, per_group=side == "ours_n")
+                        seconds = rollout_s + train_s
+                        if side == "ours" and step >= warmup:
                             measured["rollout_s"].append(rollout_s)
                             measured["train_s"].append(train_s)
-                        else:
-                            measured["n_step_s"].append(rollout_s + train_s)
+                    if step >= warmup:
+                        measured[f"{side}_step_s"].append(seconds)
         finally:
-            await backend.close()
-    return measured
+            for backend in backends.values():
+                await backend.close()
+    return measured, default_dtype
 
 
 def main() -> None:
@@ -261,24 +279,30 @@ def main() -> None:
         "threads": args.threads,
     }
     with tempfile.TemporaryDirectory() as directory, tempfile.TemporaryFile() as stderr:
-        trl = TrlWorker(args.trl_python, {**job, "output_dir": directory}, stderr)
+        trl = {
+            side: TrlWorker(
+                args.trl_python,
+                {**job, "output_dir": f"{directory}/{side}", "trl_defaults": side == "trl_defaults"},
+                stderr,
+            )
+            for side in ("trl", "trl_defaults")
+        }
         try:
-            measured = asyncio.run(lockstep(model_dir, prompts, args.steps, args.warmup, args.seed, trl))
-            theirs = trl.finish()
+            measured, default_dtype = asyncio.run(
+                lockstep(model_dir, prompts, args.steps, args.warmup, args.seed, trl)
+            )
+            theirs = {side: worker.finish() for side, worker in trl.items()}
         finally:
-            trl.kill()
+            for worker in trl.values():
+                worker.kill()
     loads.append(os.getloadavg()[0])
-    rollout_s, train_s, trl_s = measured["rollout_s"], measured["train_s"], measured["trl_step_s"]
-    ours_s = [r + t for r, t in zip(rollout_s, train_s, strict=True)]
-    ours_step, trl_step = statistics.median(ours_s), statistics.median(trl_s)
-    figures = {
-        "ours_step_s": ours_step,
-        "ours_rollout_s": statistics.median(rollout_s),
-        "ours_train_s": statistics.median(train_s),
-        "ours_n_step_s": statistics.median(measured["n_step_s"]),
-        "trl_step_s": trl_step,
-    }
-    paired = statistics.median(o / t for o, t in zip(ours_s, trl_s, strict=True))
+    rollout_s, train_s = measured["rollout_s"], measured["train_s"]
+    medians = {side: statistics.median(measured[f"{side}_step_s"]) for side in SIDES}
+
+    def paired(ours: str, trl_side: str) -> float:
+        pairs = zip(measured[f"{ours}_step_s"], measured[f"{trl_side}_step_s"], strict=True)
+        return round(statistics.median(o / t for o, t in pairs), 3)
+
     print(
         json.dumps(
             {
@@ -288,13 +312,29 @@ def main() -> None:
                 "completions_per_step": COMPLETIONS_PER_STEP,
                 "completion_tokens": COMPLETION_TOKENS,
                 "steps": args.steps,
-                **{key: round(value, 4) for key, value in figures.items()},
-                "ratio_ours_over_trl": round(ours_step / trl_step, 3),
-                "ratio_ours_n_over_trl": round(figures["ours_n_step_s"] / trl_step, 3),
-                "ratio_paired_median": round(paired, 3),
-                "trl_version": theirs["trl_version"],
+                "fp32": {
+                    "ours_step_s": round(medians["ours"], 4),
+                    "ours_rollout_s": round(statistics.median(rollout_s), 4),
+                    "ours_train_s": round(statistics.median(train_s), 4),
+                    "ours_n_step_s": round(medians["ours_n"], 4),
+                    "trl_step_s": round(medians["trl"], 4),
+                    "ratio_ours_over_trl": round(medians["ours"] / medians["trl"], 3),
+                    "ratio_ours_n_over_trl": round(medians["ours_n"] / medians["trl"], 3),
+                    "ratio_paired_median": paired("ours", "trl"),
+                },
+                "defaults": {
+                    "ours_dtype": default_dtype,
+                    "trl_bf16": theirs["trl_defaults"]["bf16"],
+                    "trl_gradient_checkpointing": theirs["trl_defaults"]["gradient_checkpointing"],
+                    "ours_step_s": round(medians["ours_defaults"], 4),
+                    "trl_step_s": round(medians["trl_defaults"], 4),
+                    "ratio_ours_over_trl": round(medians["ours_defaults"] / medians["trl_defaults"], 3),
+                    "ratio_paired_median": paired("ours_defaults", "trl_defaults"),
+                },
+                "cpu": cpu_description(),
+                "trl_version": theirs["trl"]["trl_version"],
                 "torch_threads": torch.get_num_threads(),
-                "trl_torch_threads": theirs["torch_threads"],
+                "trl_torch_threads": theirs["trl"]["torch_threads"],
                 "load_avg_1min": [round(load, 2) for load in loads],
             }
         )

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _machine import cpu_description
+
 HERE = Path(__file__).resolve().parent
 # name → (hidden, MLP width, layers, heads, KV heads): ~101M parameters with the tiny tokenizer's 1024 vocab
 RANDOM_SIZES = {"100m": (768, 2048, 16, 12, 4)}
@@ -302,13 +304,6 @@ def plot(records: list[dict[str, Any]], base: dict[str, Any], axes: dict[str, li
     figure.savefig(path, dpi=100)
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -351,7 +346,7 @@ def main() -> None:
     figures = {
         "bench": "scaling",
         "device": "cpu",
-        "cpu": _cpu_model(),
+        "cpu": cpu_description(),
         "cpu_count": os.cpu_count(),
         **{key: job[key] for key in ("mode", "dtype", "groups", "steps", "warmup")},
         "base": base,

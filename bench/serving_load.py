@@ -14,19 +14,9 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 from typing import Any
 
-
-def cpu_name() -> str:
-    """The CPU's model name (figures depend on it: say which CPU they came from)."""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from _machine import cpu_description
 
 
 async def bench(size: str, levels: list[int], engine: str, tokens: int) -> dict[str, Any]:
@@ -80,7 +70,7 @@ def main() -> None:
         "engine": args.engine,
         "completion_tokens": args.tokens,
         "by_concurrency": results,
-        "cpu": cpu_name(),
+        "cpu": cpu_description(),
         "cores": os.cpu_count(),
     }
     print(json.dumps(line))

@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from _machine import cpu_description
+
 COMPLETIONS, GROUP_SIZE, COMPLETION_TOKENS = 8, 4, 32
 SAVE = [False]  # --save-checkpoint: write each step's checkpoint, as a real run does
 DTYPES = ("float32", "bfloat16")
@@ -287,20 +289,6 @@ def _peak_rss(kind: str, size: str, mode: str, steps: int) -> float:
     return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"])
 
 
-def _cpu_model() -> str:
-    """The CPU's model name and whether it reports native bf16 (the figures depend on both)."""
-    from art_local.cpu_features import cpu_flags, has_native_bf16
-
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        text = ""
-    name = next(
-        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?"
-    )
-    return f"{name} (native bf16: {has_native_bf16()}, amx: {'amx_bf16' in cpu_flags()})"
-
-
 def _dtype_list(text: str) -> list[str]:
     """``--dtypes``: a comma-separated list of ``DTYPES`` (an unknown name is an error naming it)."""
     names = text.split(",")
@@ -370,7 +358,7 @@ def main() -> None:
         "save_checkpoint": args.save_checkpoint,
         "load_average_1m": round(os.getloadavg()[0], 2),
         "torch_threads": torch.get_num_threads(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_description(),
         "results": results,
     }
     print(json.dumps(figures))
