@@ -156,7 +156,9 @@ def optim_step(
 ) -> TrainingState:
     """Clip gradients (to ``TrainerConfig.max_grad_norm`` unless given; None: no clipping), take one AdamW step
     at ``learning_rate``, zero grads."""
-    parameters = trainable_parameters(components)
+    # the optimizer's own list (the trainable parameters, rebound after sharding): walking the module tree for
+    # them cost ~0.4 ms a step, a tenth of a tiny model's step
+    parameters = [parameter for group in components.optimizer.param_groups for parameter in group["params"]]
     clip = components.config.max_grad_norm if max_grad_norm == "config" else max_grad_norm
     max_norm = math.inf if clip is None else clip
     grads = [parameter for parameter in parameters if parameter.grad is not None]
