@@ -103,7 +103,12 @@ def _breakdown(total_s: float, metrics: dict[str, float], phases: dict[str, floa
     checkpoint, publish = phases.get("checkpoint_write", 0.0), phases.get("publish", 0.0)
     trainer = metrics["time/step_trainer_s"]
     return {
-        "prepare_template_tokenize_pack_s": inside["prepare"],
+        "template_tokenize_s": metrics.get("time/step_tokenize_s", 0.0),
+        "pack_s": metrics.get("time/step_pack_s", 0.0),
+        # checks, advantages and token weights
+        "prepare_other_s": inside["prepare"]
+        - metrics.get("time/step_tokenize_s", 0.0)
+        - metrics.get("time/step_pack_s", 0.0),
         "forward_backward_s": inside["forward_backward"],
         "optimizer_s": inside["optimizer"],
         "checkpoint_write_s": checkpoint,

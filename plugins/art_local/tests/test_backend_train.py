@@ -65,6 +65,8 @@ async def test_train_returns_a_local_result_with_rl_math_metrics_and_a_checkpoin
     assert result.metrics["data/step_num_groups_trainable"] == 2
     assert result.metrics["data/step_num_gradient_steps"] == 1
     assert all(math.isfinite(value) for value in result.metrics.values())
+    spans = {key: result.metrics[f"time/step_{key}_s"] for key in ("prepare", "tokenize", "pack", "trainer")}
+    assert 0 < spans["tokenize"] + spans["pack"] <= spans["prepare"] < spans["trainer"]  # parts of the whole
     checkpoint = model.output_dir() / "checkpoints" / "0001"
     assert result.checkpoint_path == str(checkpoint)
     assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "metadata.json"} <= {

@@ -8,6 +8,7 @@ to, and each branch restarts with the prompt's last token so that token t is sti
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -233,6 +234,10 @@ class PreparedBatch:
     num_sequences_dropped: int
     reward_std_dev: float
     sequences: tuple[PackSequence, ...] = field(default=(), repr=False)
+    # seconds spent rendering chat templates and tokenizing, and packing (the rest of preparing is validation,
+    # advantages and token weights)
+    tokenize_s: float = field(default=0.0, compare=False)
+    pack_s: float = field(default=0.0, compare=False)
 
     def metrics(self) -> dict[str, float]:
         """``data/*`` metrics of this batch."""
@@ -310,14 +315,17 @@ def prepare_batch(
     cache: dict[Any, Any] = {}  # renderings and encodings shared within this batch
     per_trajectory: list[tuple[float, list[TokenizedHistory], int]] = []
     trainable_groups = dropped = 0
+    tokenize_s = 0.0
     for g, group in enumerate(groups):
         advantages = group_advantages([t.reward for t in group.trajectories], scale_rewards=scale_rewards)
         if not any(advantages):
             continue
         trainable_groups += 1
+        started = time.perf_counter()
         kept, group_dropped = _tokenize_group(
             group, g, advantages, tokenizer, allow_training_without_logprobs, max_sequence_length, cache
         )
+        tokenize_s += time.perf_counter() - started
         dropped += group_dropped
         if not kept and not group_dropped:
             raise ValueError(
@@ -337,11 +345,13 @@ def prepare_batch(
         )
         for history in histories
     )
+    started = time.perf_counter()
     batch = (
         pack_sequences(sequences, capacity=max_sequence_length, share_prompts=share_prompts)
         if sequences
         else None
     )
+    pack_s = time.perf_counter() - started
     return PreparedBatch(
         batch=batch,
         num_groups_submitted=len(groups),
@@ -350,4 +360,6 @@ def prepare_batch(
         num_sequences_dropped=dropped,
         reward_std_dev=mean_reward_std_dev(groups),
         sequences=sequences,
+        tokenize_s=tokenize_s,
+        pack_s=pack_s,
     )

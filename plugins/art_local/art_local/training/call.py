@@ -73,7 +73,12 @@ def run_call(
 
     started = time.perf_counter()
     prepared = prepare_call(groups, tokenizer, step, max_sequence_length=max_sequence_length)
-    spans = {"time/step_prepare_s": time.perf_counter() - started}
+    spans = {
+        "time/step_prepare_s": time.perf_counter()
+        - started,  # all of it: validation, advantages, tokens, packing
+        "time/step_tokenize_s": prepared.tokenize_s,  # chat template and tokenization
+        "time/step_pack_s": prepared.pack_s,
+    }
     learning_rate = step.learning_rate_for(prepared.reward_std_dev)
     number = state.step + 1
     plot_path = model_dir / "tensors" / f"{number:04d}.png" if step.plot_tensors else None
