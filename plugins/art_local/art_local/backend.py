@@ -484,7 +484,9 @@ class LocalBackend:
                 await run_on(slot.trainer, save_checkpoint, components, outcome.state, directory)
         metrics = {**outcome.metrics, "time/step_trainer_s": time.perf_counter() - started}
         if slot.served and self._service is not None:
+            started = time.perf_counter()
             await self._publish(slot, components, outcome.state.step, directory)
+            metrics["time/step_publish_s"] = time.perf_counter() - started
         return LocalTrainResult(
             step=outcome.state.step,
             metrics=metrics,
@@ -494,9 +496,11 @@ class LocalBackend:
     async def _publish(
         self, slot: _Slot, components: TrainingComponents, step: int, directory: Path | None
     ) -> None:
-        """Serve ``step``: the transformers engine copies the live merged weights (no intermediate copy; the
-        train lock keeps the optimizer off them meanwhile), vLLM hot-loads the step's adapter from disk."""
-        from art_local.training import merged_state_dict
+        """Serve ``step``: the transformers engine copies the live weights into a module of its own, LoRA layers
+        merged straight into it (the train lock keeps the optimizer off the weights meanwhile), in one job on the
+        trainer's thread, which is warm, unlike a pool thread; vLLM hot-loads the step's adapter from disk."""
+        from art_local.inference.hf import HFEngine
+        from art_local.training import merged_state_dict, merged_weights
 
         service = self._service
         assert service is not None
@@ -509,8 +513,12 @@ class LocalBackend:
                 )
             await service.publish(slot.model.name, step, {}, adapter_dir=adapter_dir)  # reads no weights
             return
-        weights = await run_on(slot.trainer, merged_state_dict, components, copy=False)
-        await service.publish(slot.model.name, step, weights, adapter_dir=adapter_dir)
+        engine, name = service.engine, slot.model.name
+        if isinstance(engine, HFEngine):
+            await run_on(slot.trainer, lambda: engine.publish_sync(name, step, merged_weights(components)))
+        else:
+            weights = await run_on(slot.trainer, merged_state_dict, components, copy=False)
+            await service.publish(name, step, weights, adapter_dir=adapter_dir)
         if directory is not None:  # a checkpoint: still served (loaded on demand) after its module is evicted
             self._note_kept(slot.model, [step])
 
@@ -559,9 +567,11 @@ class LocalBackend:
         metrics = {**outcome.metrics, "time/step_trainer_s": time.perf_counter() - started}
         if publish and self._service is not None and outcome.weights is not None:
             adapter_dir = directory if slot.is_lora else None
+            started = time.perf_counter()
             await self._service.publish(
                 model.name, outcome.state.step, outcome.weights, adapter_dir=adapter_dir
             )
+            metrics["time/step_publish_s"] = time.perf_counter() - started
         return LocalTrainResult(
             step=outcome.state.step,
             metrics=metrics,

@@ -24,7 +24,7 @@ from art_local.training import (
     compute_logprobs,
     forward_backward,
     get_weights,
-    merged_state_dict,
+    merged_weights,
     optim_step,
     pack_sequences,
     quantize,
@@ -164,7 +164,7 @@ def test_lora_trains_on_the_quantized_base_and_is_served_as_trained(
     ours = compute_logprobs(components, test)[:, 1:]
 
     served = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    load_weights_into(served, merged_state_dict(components))  # what LocalBackend publishes to the HF engine
+    load_weights_into(served, merged_weights(components))  # what LocalBackend publishes to the HF engine
     assert (_logprobs(served, test.tokens_BT) - ours).abs().max() <= SERVED_BOUND["float32"]
 
     directory = tmp_path / "0003"

@@ -9,10 +9,13 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from art_local.inference.weights import load_weights_into
 from art_local.training import (
     CheckpointMismatchError,
     LossConfig,
+    LowRankMerge,
     StepConfig,
     TrainBatch,
     TrainerConfig,
@@ -27,6 +30,7 @@ from art_local.training import (
     load_weights,
     merged_state_dict,
     merged_state_dict_from_checkpoint,
+    merged_weights,
     optim_step,
     pack_sequences,
     prepare_batch,
@@ -223,6 +227,14 @@ def test_checkpoint_round_trip_and_merged_weights(
     from_disk = merged_state_dict_from_checkpoint(tiny_model_dir, tmp_path / "0001")
     for key in merged:
         torch.testing.assert_close(from_disk[key], merged[key], atol=1e-6, rtol=1e-5)
+    # what LocalBackend publishes: LoRA layers merged straight into the served module, no merged tensor between
+    lazy = merged_weights(components)
+    assert set(lazy) == base_keys
+    assert any(isinstance(value, LowRankMerge) for value in lazy.values()) == components.is_lora
+    served = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    load_weights_into(served, lazy)
+    for key, value in served.state_dict().items():
+        torch.testing.assert_close(value, merged[key], atol=1e-6, rtol=1e-5)
     if components.is_lora:  # the merge agrees with peft's own
         reference = components.model.merge_and_unload().state_dict()  # type: ignore[operator]
         for key in merged:

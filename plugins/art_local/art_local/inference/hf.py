@@ -36,7 +36,7 @@ from art_local.inference.engine import (
     split_step_name,
 )
 from art_local.inference.sampling import Row, Vocab
-from art_local.inference.weights import check_weights_fit, load_weights_into
+from art_local.inference.weights import Weights, check_weights_fit, load_weights_into
 from art_local.openmp import releasing_openmp_workers
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class HFEngine:
         """``name`` and ``name@step`` now answer with ``weights``; running batches keep their module."""
         await asyncio.to_thread(releasing_openmp_workers(self.publish_sync), name, step, weights)
 
-    def publish_sync(self, name: str, step: int, weights: Mapping[str, torch.Tensor]) -> None:
+    def publish_sync(self, name: str, step: int, weights: Weights) -> None:
         """``publish`` on the calling thread."""
         entry = self._entry(name, name)
         with self._lock:
@@ -253,7 +253,7 @@ class HFEngine:
             entry.forgotten.update(s for s in range(entry.latest) if s not in keep)
             entry.kept.intersection_update(keep)
 
-    def _build(self, entry: _Entry, weights: Mapping[str, torch.Tensor]) -> PreTrainedModel:
+    def _build(self, entry: _Entry, weights: Weights) -> PreTrainedModel:
         with self._lock:
             template = entry.modules[entry.latest]
         module = copy.deepcopy(template)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import torch
 
@@ -11,7 +11,20 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-def check_weights_fit(module: PreTrainedModel, weights: Mapping[str, torch.Tensor]) -> None:
+class WeightWriter(Protocol):
+    """A weight not computed yet that writes itself into its destination (``art_local.training.LowRankMerge``)."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def copy_to(self, destination: torch.Tensor) -> None: ...
+
+
+# A full state dict to serve: tensors, or writers that compute a weight straight into the served module.
+Weights: TypeAlias = Mapping[str, "torch.Tensor | WeightWriter"]
+
+
+def check_weights_fit(module: PreTrainedModel, weights: Weights) -> None:
     """Raise unless ``weights`` is a full state dict of ``module`` (tied parameters may be omitted), changing
     nothing."""
     state = module.state_dict()
@@ -40,10 +53,13 @@ def check_weights_fit(module: PreTrainedModel, weights: Mapping[str, torch.Tenso
         )
 
 
-def load_weights_into(module: PreTrainedModel, weights: Mapping[str, torch.Tensor]) -> None:
+def load_weights_into(module: PreTrainedModel, weights: Weights) -> None:
     """Copy a full state dict into ``module`` in place; tied parameters may be omitted, anything else must match."""
     check_weights_fit(module, weights)
     state = module.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, value in weights.items():
-            state[key].copy_(value)
+            if isinstance(value, torch.Tensor):
+                state[key].copy_(value)
+            else:
+                value.copy_to(state[key])

@@ -18,12 +18,14 @@ from art_local.training.batch import (
 )
 from art_local.training.checkpoint import (
     CheckpointMismatchError,
+    LowRankMerge,
     checkpoint_steps,
     get_weights,
     load_checkpoint,
     load_weights,
     merged_state_dict,
     merged_state_dict_from_checkpoint,
+    merged_weights,
     save_checkpoint,
 )
 from art_local.training.loss import LossConfig, PolicyLoss, policy_loss
@@ -42,6 +44,7 @@ from art_local.training.world import Ranks, SingleProcess
 __all__ = [
     "CheckpointMismatchError",
     "LossConfig",
+    "LowRankMerge",
     "PackSequence",
     "PolicyLoss",
     "PreparedBatch",
@@ -64,6 +67,7 @@ __all__ = [
     "load_weights",
     "merged_state_dict",
     "merged_state_dict_from_checkpoint",
+    "merged_weights",
     "optim_step",
     "pack_sequences",
     "policy_loss",
