@@ -234,3 +234,29 @@ async def test_the_sampler_computes_in_the_dtype_the_trainer_config_names(
     finally:
         await backend.close()
         cpu_features.cpu_flags.cache_clear()
+
+
+async def test_a_failed_publish_names_its_cause_keeps_the_step_and_the_next_step_is_served(
+    backend: LocalBackend, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step and its publish run in one trainer job: a publish that fails surfaces, the step still counts, the
+    checkpoint is on disk, requests keep the last published step, and the next train() serves its own."""
+    model = await registered(backend, tiny_model_dir)
+    before = await greedy(model, "agent")
+    engine = engine_of(backend)
+    publish = engine.publish_sync
+
+    def broken(name: str, step: int, weights: Any) -> None:
+        raise RuntimeError(f"out of memory while serving step {step}")
+
+    monkeypatch.setattr(engine, "publish_sync", broken)
+    with pytest.raises(RuntimeError, match="serving step 1"):
+        await backend.train(model, await sampled_groups(model), learning_rate=5e-2)
+    assert await backend._get_step(model) == 1
+    assert (model.output_dir() / "checkpoints" / "0001" / "metadata.json").is_file()
+    assert await greedy(model, "agent") == before  # still step 0's weights, whole
+    monkeypatch.setattr(engine, "publish_sync", publish)
+    result = await backend.train(model, await sampled_groups(model), learning_rate=5e-2)
+    assert result.step == 2 and result.metrics["time/step_publish_s"] > 0
+    assert engine.describe()["models"]["agent"]["latest"] == 2
+    assert await greedy(model, "agent") != before
