@@ -84,9 +84,11 @@ class LowRankMerge:
         return self.base.shape
 
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The merged weight in ``dtype``, merged in fp32 (as peft's ``get_delta_weight`` on CPU)."""
-        delta = (self.lora_b.float() @ self.lora_a.float()) * self.scaling
-        return (self.base.float() + delta).to(dtype)
+        """The merged weight in ``dtype``, merged in fp32 (as peft's ``get_delta_weight`` on CPU), with one
+        full-size temporary."""
+        merged = self.base.to(torch.float32, copy=True)
+        merged.addmm_(self.lora_b.float(), self.lora_a.float(), alpha=self.scaling)
+        return merged.to(dtype)
 
     def copy_to(self, destination: torch.Tensor) -> None:
         """``destination[...] = merged weight``, in place; in fp32 without temporaries, else merged in fp32 once."""
