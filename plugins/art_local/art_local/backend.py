@@ -499,7 +499,8 @@ class LocalBackend:
             if done:  # the weights have moved: the step happened even if the write or the publish failed
                 slot.state = done[0].state
         outcome = done[0]
-        metrics = {**outcome.metrics, "time/step_trainer_s": spans["trainer"]}
+        # time/step_publish_s is 0 for a model that is not served (nothing to publish to)
+        metrics = {**outcome.metrics, "time/step_trainer_s": spans["trainer"], "time/step_publish_s": 0.0}
         if publish_here is not None:
             metrics["time/step_publish_s"] = spans["publish"]
             if directory is not None:
@@ -602,7 +603,11 @@ class LocalBackend:
                 label=model.name,
             )
         slot.state = outcome.state
-        metrics = {**outcome.metrics, "time/step_trainer_s": time.perf_counter() - started}
+        metrics = {
+            **outcome.metrics,
+            "time/step_trainer_s": time.perf_counter() - started,
+            "time/step_publish_s": 0.0,
+        }
         if publish and self._service is not None and outcome.weights is not None:
             adapter_dir = directory if slot.is_lora else None
             started = time.perf_counter()
