@@ -73,17 +73,7 @@ Stepper = Callable[[], None]
 
 
 def _timing(phases: dict[str, float], name: str, function: Callable[..., Any]) -> Callable[..., Any]:
-    """``function``, adding the seconds each call takes to ``phases[name]`` (sync or async)."""
-    if asyncio.iscoroutinefunction(function):
-
-        async def timed_async(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return await function(*args, **kwargs)
-            finally:
-                phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
-
-        return timed_async
+    """``function``, adding the seconds each call takes to ``phases[name]``."""
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
